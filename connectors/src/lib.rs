@@ -1,0 +1,8 @@
+//! viewkeeper's connectors: sources that turn committed row changes into
+//! [`viewkeeper_projections::model::Change`]s, and sinks that write rendered
+//! documents. Each connector lives in its own folder.
+
+pub mod postgres;
+pub mod redis;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,13 @@
+//! PostgreSQL logical replication source (pgoutput over `pgwire-replication`).
+//!
+//! * [`pgoutput`]: the wire decoder (bytes → messages), pure and panic-free.
+//! * [`values`]: text-format values → JSON, by type OID.
+//! * [`decode`]: messages of a transaction → [`viewkeeper_projections::model::Change`]s.
+//! * [`source`]: publication/slot setup, streaming, acknowledgement.
+
+pub mod decode;
+pub mod pgoutput;
+pub mod source;
+pub mod values;
+
+pub use tokio_postgres::Config as PgConfig;

@@ -1,0 +1,464 @@
+//! The Postgres source task: prepares the publication and slot, streams pgoutput
+//! through `pgwire-replication`, and hands whole transactions to the engine.
+//!
+//! Acknowledgement: the flushed LSN reported to Postgres is exactly the checkpoint
+//! the engine sent back (the end LSN of the last transaction that is in the state
+//! store and in every sink). While idle (no transaction open, everything sent has
+//! been acknowledged), a keepalive's WAL end is passed through the engine as an empty
+//! batch, so the checkpoint, and with it the slot, moves forward on a quiet database.
+//!
+//! Errors: losing the connection is transient (reconnect with backoff and resume from
+//! the checkpoint; duplicates are harmless). A missing or invalidated slot while a
+//! checkpoint exists, a table without a usable replica identity, or `wal_level` other
+//! than `logical` are fatal, with the fix in the message.
+
+use super::decode::{TableBinding, TxDecoder};
+use super::pgoutput::{self, PgOutputMessage};
+use crate::source::{SourceBatch, SourceDeadLetter, SourceError};
+use backon::BackoffBuilder;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use viewkeeper_projections::model::Position;
+
+/// What the source needs from the config.
+#[derive(Clone, Debug)]
+pub struct PgSourceSettings {
+    pub name: String,
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    /// `schema.table` → binding.
+    pub tables: HashMap<String, TableBinding>,
+    pub status_interval: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+pub struct PgSource {
+    s: PgSourceSettings,
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_table(t: &str) -> String {
+    t.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
+}
+
+impl PgSource {
+    pub fn new(s: PgSourceSettings) -> Self {
+        PgSource { s }
+    }
+
+    fn fatal(&self, message: impl Into<String>) -> SourceError {
+        SourceError::Fatal {
+            source_name: self.s.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn transient(&self, message: impl Into<String>) -> SourceError {
+        SourceError::Transient {
+            source_name: self.s.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Runs until shutdown or a fatal error, reconnecting after transient ones.
+    /// `checkpoint`: where the state store says this source is durable.
+    pub async fn run(
+        self,
+        checkpoint: Option<Position>,
+        tx: mpsc::Sender<SourceBatch>,
+        mut acks: watch::Receiver<Position>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(self.s.retry_min)
+            .with_max_delay(self.s.retry_max)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let acked = (*acks.borrow()).max(checkpoint.unwrap_or_default());
+            let result = match self.prepare(acked != Position::ZERO).await {
+                Ok(()) => self.stream(acked, &tx, &mut acks, &shutdown).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(self.s.retry_max);
+                    warn!(source = %self.s.name, error = %e, retry_in_ms = delay.as_millis() as u64, "postgres source interrupted");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the server and creates the publication and slot when missing.
+    async fn prepare(&self, has_checkpoint: bool) -> Result<(), SourceError> {
+        let (client, conn) = tokio_postgres::connect(&self.s.url, NoTls)
+            .await
+            .map_err(|e| self.transient(format!("cannot connect: {e}")))?;
+        let conn_task = tokio::spawn(conn);
+        let r = self.prepare_on(&client, has_checkpoint).await;
+        drop(client);
+        let _ = conn_task.await;
+        r
+    }
+
+    async fn prepare_on(
+        &self,
+        c: &tokio_postgres::Client,
+        has_checkpoint: bool,
+    ) -> Result<(), SourceError> {
+        let sql = |e: tokio_postgres::Error| self.transient(format!("query failed: {e}"));
+        let wal: String = c
+            .query_one("SHOW wal_level", &[])
+            .await
+            .map_err(sql)?
+            .get(0);
+        if wal != "logical" {
+            return Err(self.fatal(format!(
+                "wal_level is '{wal}'; logical replication needs wal_level = logical (set it in postgresql.conf and restart Postgres)"
+            )));
+        }
+        let mut tables: Vec<&String> = self.s.tables.keys().collect();
+        tables.sort();
+        for t in &tables {
+            let row = c
+                .query_opt(
+                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                     FROM pg_class c WHERE c.oid = to_regclass($1)",
+                    &[&quote_table(t)],
+                )
+                .await
+                .map_err(sql)?;
+            let Some(row) = row else {
+                return Err(self.fatal(format!(
+                    "table {t} does not exist in this database; create it or fix tables.*.name for source {}",
+                    self.s.name
+                )));
+            };
+            let ident: String = row.get(0);
+            let has_pk: bool = row.get(1);
+            if ident == "n" || (ident == "d" && !has_pk) {
+                return Err(self.fatal(format!(
+                    "table {t} has no replica identity, so its updates and deletes cannot be identified; add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL",
+                    quote_table(t)
+                )));
+            }
+        }
+        let exists = c
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&self.s.publication],
+            )
+            .await
+            .map_err(sql)?
+            .is_some();
+        let list = tables
+            .iter()
+            .map(|t| quote_table(t))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !exists {
+            info!(source = %self.s.name, publication = %self.s.publication, tables = %list, "creating publication");
+            c.batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {list}",
+                quote_ident(&self.s.publication)
+            ))
+            .await
+            .map_err(|e| {
+                self.fatal(format!(
+                    "cannot create publication {}: {e}",
+                    self.s.publication
+                ))
+            })?;
+        } else {
+            let rows = c
+                .query(
+                    "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+                    &[&self.s.publication],
+                )
+                .await
+                .map_err(sql)?;
+            let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let missing: Vec<String> = tables
+                .iter()
+                .filter(|t| !have.contains(t))
+                .map(|t| quote_table(t))
+                .collect();
+            if !missing.is_empty() {
+                info!(source = %self.s.name, publication = %self.s.publication, tables = ?missing, "adding tables to publication");
+                c.batch_execute(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote_ident(&self.s.publication),
+                    missing.join(", ")
+                ))
+                .await
+                .map_err(|e| {
+                    self.fatal(format!(
+                        "cannot add tables to publication {}: {e}",
+                        self.s.publication
+                    ))
+                })?;
+            }
+        }
+        let slot = c
+            .query_opt(
+                "SELECT plugin, coalesce(wal_status, ''), database FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.s.slot],
+            )
+            .await
+            .map_err(sql)?;
+        match slot {
+            None if has_checkpoint => Err(self.fatal(format!(
+                "replication slot {} is missing but the state store has a checkpoint for this source: changes since then are lost to the slot. \
+                 Rebuild with `viewkeeper backfill` (or drop the data dir to start over); viewkeeper never silently restarts from a new slot",
+                self.s.slot
+            ))),
+            None => {
+                info!(source = %self.s.name, slot = %self.s.slot, "creating replication slot");
+                c.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&self.s.slot])
+                    .await
+                    .map_err(|e| self.fatal(format!("cannot create replication slot {}: {e}", self.s.slot)))?;
+                Ok(())
+            }
+            Some(r) => {
+                let plugin: String = r.get(0);
+                let status: String = r.get(1);
+                if plugin != "pgoutput" {
+                    return Err(self.fatal(format!(
+                        "replication slot {} uses plugin {plugin}, not pgoutput; drop it or name another slot in sources.{}.slot",
+                        self.s.slot, self.s.name
+                    )));
+                }
+                if status == "lost" {
+                    return Err(self.fatal(format!(
+                        "replication slot {} is invalidated (wal_status = lost): Postgres removed WAL it still needed. Rebuild with `viewkeeper backfill`",
+                        self.s.slot
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn replication_config(&self, from: Position) -> Result<ReplicationConfig, SourceError> {
+        let cfg: tokio_postgres::Config = self
+            .s
+            .url
+            .parse()
+            .map_err(|e| self.fatal(format!("bad url: {e}")))?;
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg.get_user().unwrap_or("postgres").to_string();
+        let password = cfg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let db = cfg.get_dbname().unwrap_or(&user).to_string();
+        let tls = match cfg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Require => TlsConfig::require(),
+            _ => TlsConfig::disabled(),
+        };
+        Ok(ReplicationConfig::new(host, user, password, db, self.s.slot.clone(), self.s.publication.clone())
+            .with_port(port)
+            .with_tls(tls)
+            .with_start_lsn(Lsn::from_u64(from.major))
+            .with_ack_lsn(Lsn::from_u64(from.major))
+            .with_status_interval(self.s.status_interval)
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601")
+            .with_application_name(format!("viewkeeper-{}", self.s.name)))
+    }
+
+    async fn stream(
+        &self,
+        from: Position,
+        tx: &mpsc::Sender<SourceBatch>,
+        acks: &mut watch::Receiver<Position>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut client = ReplicationClient::connect(self.replication_config(from)?)
+            .await
+            .map_err(|e| self.classify(e))?;
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = client.wait_started() => r.map_err(|e| self.classify(e))?,
+        }
+        info!(source = %self.s.name, slot = %self.s.slot, from = %from, "streaming");
+        let mut decoder = TxDecoder::new(self.s.tables.clone());
+        let mut last_sent = from;
+        let mut acked = from;
+        let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal
+        loop {
+            // Biased: shutdown first, then acks (so feedback is never starved by data).
+            let ev = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let _ = client.shutdown().await;
+                    return Ok(());
+                }
+                r = acks.changed() => {
+                    if r.is_err() {
+                        return Ok(()); // engine gone: shutting down
+                    }
+                    acked = *acks.borrow_and_update();
+                    client.update_applied_lsn(Lsn::from_u64(acked.major));
+                    continue;
+                }
+                ev = client.recv() => ev.map_err(|e| self.classify(e))?,
+            };
+            let Some(ev) = ev else {
+                return Err(self.transient("replication stream ended"));
+            };
+            match ev {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
+                    let ms = pgoutput::pg_time_to_unix_us(commit_time_micros) / 1000;
+                    let batch = SourceBatch {
+                        source: self.s.name.clone(),
+                        ..Default::default()
+                    };
+                    open = Some((final_lsn.as_u64(), ms, batch, 0));
+                }
+                ReplicationEvent::XLogData { data, wal_end, .. } => {
+                    let msg = match pgoutput::decode(&data) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            let dl = SourceDeadLetter {
+                                position: Position::new(wal_end.as_u64(), 0),
+                                table: String::new(),
+                                key: String::new(),
+                                reason: format!("malformed pgoutput message: {e}"),
+                                payload: data.iter().map(|b| format!("{b:02x}")).collect(),
+                            };
+                            warn!(source = %self.s.name, reason = %dl.reason, "dead letter");
+                            match &mut open {
+                                Some((_, _, b, _)) => b.dead_letters.push(dl),
+                                None => {
+                                    self.send(
+                                        tx,
+                                        shutdown,
+                                        SourceBatch {
+                                            source: self.s.name.clone(),
+                                            dead_letters: vec![dl],
+                                            checkpoint: last_sent,
+                                            ..Default::default()
+                                        },
+                                    )
+                                    .await?
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    let (lsn, ms, mut ordinal) = open
+                        .as_ref()
+                        .map_or((wal_end.as_u64(), 0, 0), |(l, m, _, o)| (*l, *m, *o));
+                    if !matches!(
+                        msg,
+                        PgOutputMessage::Relation(_)
+                            | PgOutputMessage::Type { .. }
+                            | PgOutputMessage::Origin { .. }
+                    ) && open.is_none()
+                    {
+                        return Err(self.transient("row change outside a transaction"));
+                    }
+                    let out = decoder.on_message(msg, lsn, ms, &mut ordinal);
+                    for w in decoder.warnings.drain(..) {
+                        warn!(source = %self.s.name, "{w}");
+                    }
+                    if let Some((_, _, b, o)) = &mut open {
+                        *o = ordinal;
+                        for dl in &out.dead_letters {
+                            warn!(source = %self.s.name, table = %dl.table, key = %dl.key, reason = %dl.reason, "dead letter");
+                        }
+                        b.changes.extend(out.changes);
+                        b.dead_letters.extend(out.dead_letters);
+                    }
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    let Some((_, _, mut batch, _)) = open.take() else {
+                        return Err(self.transient("commit without begin"));
+                    };
+                    batch.checkpoint = Position::new(end_lsn.as_u64(), 0);
+                    last_sent = batch.checkpoint;
+                    self.send(tx, shutdown, batch).await?;
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    let at = Position::new(wal_end.as_u64(), 0);
+                    if open.is_none() && acked >= last_sent && at > last_sent {
+                        debug!(source = %self.s.name, at = %at, "idle: advancing checkpoint");
+                        last_sent = at;
+                        self.send(
+                            tx,
+                            shutdown,
+                            SourceBatch {
+                                source: self.s.name.clone(),
+                                checkpoint: at,
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    }
+                }
+                ReplicationEvent::Message {
+                    prefix,
+                    transactional,
+                    ..
+                } => {
+                    debug!(source = %self.s.name, %prefix, transactional, "logical message");
+                }
+                ReplicationEvent::StoppedAt { .. } => return Ok(()),
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<SourceBatch>,
+        shutdown: &CancellationToken,
+        b: SourceBatch,
+    ) -> Result<(), SourceError> {
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            r = tx.send(b) => r.map_err(|_| self.transient("engine stopped")),
+        }
+    }
+
+    fn classify(&self, e: pgwire_replication::PgWireError) -> SourceError {
+        let msg = e.to_string();
+        if msg.contains("does not exist") && msg.contains("slot") {
+            self.fatal(format!(
+                "{msg}: the replication slot is gone; rebuild with `viewkeeper backfill`"
+            ))
+        } else if msg.contains("can no longer get changes") || msg.contains("invalidated") {
+            self.fatal(format!(
+                "{msg}: the slot was invalidated; rebuild with `viewkeeper backfill`"
+            ))
+        } else {
+            self.transient(msg)
+        }
+    }
+}

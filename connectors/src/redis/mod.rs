@@ -1,0 +1,185 @@
+//! Redis cache sink: one hash per row (`{prefix}:{id}`), optional set of active ids.
+//!
+//! Every write goes through one Lua script that compares the stored `_version` with
+//! the new one and writes only if newer (versions are 19-digit decimals, compared as
+//! strings of equal length, because Lua numbers are doubles and would round them).
+//! The hash is replaced whole (DEL + HSET), so fields never linger from an older image;
+//! set membership changes in the same script, so it cannot disagree with the hash.
+//!
+//! Connection loss and a flushed script cache (NOSCRIPT after a Redis restart) are
+//! transient [`SinkError`]s; per-key refusals (e.g. a key of another type) are
+//! [`Rejection`]s.
+
+use crate::sink::{Rejection, SinkDoc, SinkError};
+use redis::aio::ConnectionManager;
+use redis::{Script, Value as RValue};
+use serde_json::Value;
+use viewkeeper_projections::spec::ProjectionSpec;
+
+const CAS_SCRIPT: &str = r#"
+-- KEYS[1] hash, KEYS[2] set of active ids (or the hash itself when there is none)
+-- ARGV[1] version, ARGV[2] set member, ARGV[3] 'add' | 'rem' | '', ARGV[4] ttl seconds (0: keep)
+-- ARGV[5..] field, value, ...
+local cur = redis.pcall('HGET', KEYS[1], '_version')
+if type(cur) == 'table' and cur.err then return 'E:' .. cur.err end
+local v = ARGV[1]
+if cur and (#cur > #v or (#cur == #v and cur >= v)) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '_version', v, unpack(ARGV, 5))
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if ARGV[3] == 'add' then
+  local r = redis.pcall('SADD', KEYS[2], ARGV[2])
+  if type(r) == 'table' and r.err then return 'E:' .. r.err end
+elseif ARGV[3] == 'rem' then
+  local r = redis.pcall('SREM', KEYS[2], ARGV[2])
+  if type(r) == 'table' and r.err then return 'E:' .. r.err end
+end
+return 1
+"#;
+
+pub struct RedisSink {
+    name: String,
+    conn: ConnectionManager,
+    script: Script,
+    pipeline: usize,
+}
+
+/// How a JSON value is stored in a hash field; `None` leaves the field out.
+fn field_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(_) | Value::Number(_) => Some(v.to_string()),
+        Value::Array(_) | Value::Object(_) => Some(v.to_string()),
+    }
+}
+
+impl RedisSink {
+    /// Connects (the manager reconnects by itself after a loss).
+    pub async fn connect(name: &str, url: &str, pipeline: usize) -> Result<Self, SinkError> {
+        let err = |e: redis::RedisError| SinkError {
+            sink: name.to_string(),
+            message: format!("cannot connect to Redis: {e}"),
+        };
+        let client = redis::Client::open(url).map_err(err)?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(std::time::Duration::from_secs(5))
+            .set_response_timeout(std::time::Duration::from_secs(30))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(err)?;
+        Ok(RedisSink {
+            name: name.to_string(),
+            conn,
+            script: Script::new(CAS_SCRIPT),
+            pipeline: pipeline.max(1),
+        })
+    }
+
+    fn transient(&self, what: &str, e: impl std::fmt::Display) -> SinkError {
+        SinkError {
+            sink: self.name.clone(),
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    /// Writes the documents of one projection.
+    pub async fn write(
+        &self,
+        proj: &ProjectionSpec,
+        docs: &[SinkDoc],
+    ) -> Result<Vec<Rejection>, SinkError> {
+        let mut rejections = Vec::new();
+        for chunk in docs.chunks(self.pipeline) {
+            let mut pipe = redis::pipe();
+            for d in chunk {
+                let Some(body) = &d.body else {
+                    rejections.push(Rejection {
+                        id: d.id.clone(),
+                        reason: "a cache entry cannot be removed (Redis keeps tombstones); use tombstone_ttl_s".into(),
+                    });
+                    continue;
+                };
+                let set_op = match (&proj.active_set, &proj.active_when) {
+                    (Some(_), Some(cond)) => {
+                        let active = !d.tombstoned
+                            && body
+                                .get(&cond.column)
+                                .is_some_and(|v| cond.values.contains(v));
+                        if active {
+                            "add"
+                        } else {
+                            "rem"
+                        }
+                    }
+                    _ => "",
+                };
+                let ttl = if d.tombstoned {
+                    proj.tombstone_ttl_s.unwrap_or(0)
+                } else {
+                    0
+                };
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(2)
+                    .arg(&d.id)
+                    .arg(proj.active_set.as_deref().unwrap_or(&d.id))
+                    .arg(d.version.to_string())
+                    .arg(&d.member)
+                    .arg(set_op)
+                    .arg(ttl);
+                for (k, v) in body {
+                    if let Some(t) = field_text(v) {
+                        cmd.arg(k).arg(t);
+                    }
+                }
+            }
+            let ids: Vec<&SinkDoc> = chunk.iter().filter(|d| d.body.is_some()).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let mut conn = self.conn.clone();
+            let results: Vec<RValue> = match pipe.query_async(&mut conn).await {
+                Ok(r) => r,
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    // Redis restarted (or SCRIPT FLUSH): load and let the engine retry.
+                    self.script
+                        .prepare_invoke()
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(|e| self.transient("loading the compare-and-set script", e))?;
+                    return Err(
+                        self.transient("script cache was empty", "loaded it again; retrying")
+                    );
+                }
+                Err(e) => return Err(self.transient("pipeline failed", e)),
+            };
+            for (d, r) in ids.iter().zip(results) {
+                if let RValue::BulkString(b) = &r {
+                    rejections.push(Rejection {
+                        id: d.id.clone(),
+                        reason: format!("Redis refused the write: {}", String::from_utf8_lossy(b)),
+                    });
+                } else if let RValue::SimpleString(s) = &r {
+                    rejections.push(Rejection {
+                        id: d.id.clone(),
+                        reason: format!("Redis refused the write: {s}"),
+                    });
+                }
+            }
+        }
+        Ok(rejections)
+    }
+
+    /// Round-trip check for health reporting.
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.transient("ping", e))
+    }
+}

@@ -1,0 +1,56 @@
+//! What every source hands the engine, and how the engine acknowledges it.
+//!
+//! Contract for sources:
+//! * Batches are sent in commit order; each holds whole transactions (never part of
+//!   one), so a checkpoint always falls on a transaction boundary.
+//! * `checkpoint` is the position from which the source can resume without losing
+//!   anything of this batch or the ones before it. The engine sends it back on the
+//!   source's ack channel only after the batch is in the state store and every sink
+//!   acknowledged it; only then may the source report it upstream (Postgres flushed
+//!   LSN, Kafka committed offset).
+//! * After a reconnect a source may send changes again: duplicates are harmless,
+//!   because the engine ignores changes not newer than a row's stored position.
+
+use viewkeeper_projections::model::{Change, Position};
+
+/// One or more committed transactions of one source.
+#[derive(Debug, Default)]
+pub struct SourceBatch {
+    pub source: String,
+    pub changes: Vec<Change>,
+    /// Data of these transactions that could not be turned into changes.
+    pub dead_letters: Vec<SourceDeadLetter>,
+    pub checkpoint: Position,
+}
+
+/// A change the source could not decode: kept with its reason, never dropped silently.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceDeadLetter {
+    pub position: Position,
+    pub table: String,
+    pub key: String,
+    pub reason: String,
+    pub payload: String,
+}
+
+/// A source failure: transient ones are retried by reconnecting, fatal ones stop the
+/// worker with a message that says how to fix the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source {source_name}: {message} (retrying)")]
+    Transient {
+        source_name: String,
+        message: String,
+    },
+    #[error("source {source_name}: {message}")]
+    Fatal {
+        source_name: String,
+        message: String,
+    },
+}
+
+impl SourceError {
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Fatal { .. })
+    }
+}

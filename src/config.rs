@@ -1,0 +1,430 @@
+//! The config file: one TOML file, every setting overridable from the environment as
+//! `VIEWKEEPER__A__B` (e.g. `VIEWKEEPER__SOURCES__CATALOG__URL`). Layering is figment's;
+//! this module adds named defaults, `deny_unknown_fields`, and [`Config::validate`],
+//! whose errors name the key path and say how to fix it. Secrets (passwords in URLs)
+//! are redacted in `Debug` and in `check-config` output.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use viewkeeper_projections::spec::{self, ProjectionSpec, TableSpec};
+
+pub const ENV_PREFIX: &str = "VIEWKEEPER__";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the worker persists everything (state store, dead letters).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableSpec>,
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    #[serde(default)]
+    pub projections: BTreeMap<String, ProjectionSpec>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Upper bound of changes applied, rendered and written as one batch.
+    #[serde(default = "EngineConfig::default_max_batch_changes")]
+    pub max_batch_changes: usize,
+    /// Bound of the queue of committed transactions between sources and the engine.
+    #[serde(default = "EngineConfig::default_queue_transactions")]
+    pub queue_transactions: usize,
+    /// Backoff of retried sink writes and source reconnects: first and largest delay.
+    #[serde(default = "EngineConfig::default_retry_min_ms")]
+    pub retry_min_ms: u64,
+    #[serde(default = "EngineConfig::default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+impl EngineConfig {
+    fn default_max_batch_changes() -> usize {
+        5_000
+    }
+    fn default_queue_transactions() -> usize {
+        1_024
+    }
+    fn default_retry_min_ms() -> u64 {
+        100
+    }
+    fn default_retry_max_ms() -> u64 {
+        5_000
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_changes: Self::default_max_batch_changes(),
+            queue_transactions: Self::default_queue_transactions(),
+            retry_min_ms: Self::default_retry_min_ms(),
+            retry_max_ms: Self::default_retry_max_ms(),
+        }
+    }
+}
+
+/// A connection string whose password never reaches logs.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(pub String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let s = &self.0;
+        if let Some(scheme_end) = s.find("://") {
+            let rest = &s[scheme_end + 3..];
+            let auth_end = rest.find('/').unwrap_or(rest.len());
+            if let Some(at) = rest[..auth_end].rfind('@') {
+                if let Some(colon) = rest[..at].find(':') {
+                    return format!(
+                        "{}{}:***{}",
+                        &s[..scheme_end + 3],
+                        &rest[..colon],
+                        &rest[at..]
+                    );
+                }
+            }
+        }
+        // key=value form: password=...
+        s.split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    Postgres(PostgresSource),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSource {
+    /// `postgres://user[:password]@host:port/database`.
+    pub url: SecretUrl,
+    /// Logical replication slot (created when missing).
+    pub slot: String,
+    /// Publication over the source's tables (created when missing).
+    pub publication: String,
+    /// How often standby status updates report the checkpoint.
+    #[serde(default = "PostgresSource::default_status_interval_ms")]
+    pub status_interval_ms: u64,
+}
+
+impl PostgresSource {
+    fn default_status_interval_ms() -> u64 {
+        1_000
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    Redis(RedisSink),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSink {
+    pub url: SecretUrl,
+    /// Commands per pipelined round trip.
+    #[serde(default = "RedisSink::default_pipeline")]
+    pub pipeline: usize,
+}
+
+impl RedisSink {
+    fn default_pipeline() -> usize {
+        256
+    }
+}
+
+/// A config that failed to load or validate.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Load {
+        path: String,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    #[error("config {path} is invalid:\n  - {}", .problems.join("\n  - "))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+impl Config {
+    /// Loads `path`, applies `VIEWKEEPER__…` environment overrides, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_from(path, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_from(path: &Path, env: Env) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(ConfigError::Invalid {
+                path: shown.clone(),
+                problems: vec![format!("no such file: {shown} (pass --config with the path of a TOML file, e.g. config/shop.toml)")],
+            });
+        }
+        let cfg: Config = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Load {
+                path: shown.clone(),
+                source: Box::new(e),
+            })?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: shown,
+                problems,
+            })
+        }
+    }
+
+    /// Every problem found, each starting with its key path.
+    pub fn validate(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.sources.is_empty() {
+            out.push("sources: no source declared; add a [sources.NAME] table".into());
+        }
+        if self.projections.is_empty() {
+            out.push("projections: no projection declared; add a [projections.NAME] table".into());
+        }
+        if self.engine.max_batch_changes == 0 {
+            out.push("engine.max_batch_changes: must be at least 1".into());
+        }
+        if self.engine.retry_min_ms == 0 || self.engine.retry_min_ms > self.engine.retry_max_ms {
+            out.push(
+                "engine.retry_min_ms: must be at least 1 and at most engine.retry_max_ms".into(),
+            );
+        }
+        let mut slots = BTreeSet::new();
+        for (name, src) in &self.sources {
+            check_ident(&mut out, &format!("sources.{name}"), name);
+            match src {
+                SourceConfig::Postgres(pg) => {
+                    let p = format!("sources.{name}");
+                    check_ident(&mut out, &format!("{p}.slot"), &pg.slot);
+                    check_ident(&mut out, &format!("{p}.publication"), &pg.publication);
+                    if let Err(e) = pg
+                        .url
+                        .expose()
+                        .parse::<viewkeeper_connectors::postgres::PgConfig>()
+                    {
+                        out.push(format!("{p}.url: not a Postgres connection string ({e}); e.g. postgres://postgres@127.0.0.1:54329/catalog"));
+                    }
+                    if !slots.insert((pg.url.expose().to_string(), pg.slot.clone())) {
+                        out.push(format!("{p}.slot: slot '{}' is used by another source on the same database; each source needs its own slot", pg.slot));
+                    }
+                    if !self.tables.values().any(|t| &t.source == name) {
+                        out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
+                    }
+                }
+            }
+        }
+        for (name, t) in &self.tables {
+            if !self.sources.contains_key(&t.source) {
+                out.push(format!(
+                    "tables.{name}.source: unknown source '{}' (declared: {})",
+                    t.source,
+                    self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        for (name, sink) in &self.sinks {
+            check_ident(&mut out, &format!("sinks.{name}"), name);
+            match sink {
+                SinkConfig::Redis(r) => {
+                    if !r.url.expose().starts_with("redis://")
+                        && !r.url.expose().starts_with("rediss://")
+                    {
+                        out.push(format!(
+                            "sinks.{name}.url: must start with redis:// or rediss://"
+                        ));
+                    }
+                    if r.pipeline == 0 {
+                        out.push(format!("sinks.{name}.pipeline: must be at least 1"));
+                    }
+                }
+            }
+        }
+        for (name, p) in &self.projections {
+            check_ident(&mut out, &format!("projections.{name}"), name);
+            if !self.sinks.contains_key(&p.sink) {
+                out.push(format!(
+                    "projections.{name}.sink: unknown sink '{}' (declared: {})",
+                    p.sink,
+                    self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if matches!(self.sinks.get(&p.sink), Some(SinkConfig::Redis(_))) && p.fields.is_empty()
+            {
+                out.push(format!(
+                    "projections.{name}.fields: a cache entry needs at least one field"
+                ));
+            }
+        }
+        out.extend(
+            spec::validate(&self.tables, &self.projections)
+                .into_iter()
+                .map(|e| e.to_string()),
+        );
+        out
+    }
+}
+
+/// Postgres identifiers we create (slots, publications) and config names: lowercase
+/// letters, digits and underscores, starting with a letter or underscore, ≤ 63 bytes.
+fn check_ident(out: &mut Vec<String>, path: &str, s: &str) {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit();
+    if !ok {
+        out.push(format!(
+            "{path}: '{s}' is not a valid name: use 1-63 lowercase letters, digits and underscores, not starting with a digit"
+        ));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const GOOD: &str = r#"
+        data_dir = "d"
+        [sources.catalog]
+        kind = "postgres"
+        url = "postgres://postgres:hunter2@127.0.0.1:54329/catalog"
+        slot = "vk_catalog"
+        publication = "vk_catalog"
+        [tables.products]
+        source = "catalog"
+        name = "public.products"
+        decommissioned = { column = "status", values = ["decommissioned"] }
+        [sinks.cache]
+        kind = "redis"
+        url = "redis://127.0.0.1:63799"
+        [projections.ordering_product]
+        root = "products"
+        sink = "cache"
+        key = "ordering:product:{id}"
+        fields = ["sku", "name"]
+    "#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let mut out = None;
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", text)?;
+            out = Some(Config::load(Path::new("c.toml")));
+            Ok(())
+        });
+        out.unwrap()
+    }
+
+    #[test]
+    fn loads_and_env_overrides_any_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", GOOD)?;
+            jail.set_env(
+                "VIEWKEEPER__SOURCES__CATALOG__URL",
+                "postgres://u@db:5432/catalog",
+            );
+            jail.set_env("VIEWKEEPER__ENGINE__MAX_BATCH_CHANGES", "7");
+            let c = Config::load(Path::new("c.toml")).expect("valid");
+            let SourceConfig::Postgres(pg) = &c.sources["catalog"];
+            assert_eq!(pg.url.expose(), "postgres://u@db:5432/catalog");
+            assert_eq!(c.engine.max_batch_changes, 7);
+            assert_eq!(c.data_dir, PathBuf::from("d"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn password_is_redacted_in_debug() {
+        let c = load(GOOD).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("postgres:***@127.0.0.1"), "{dbg}");
+        assert_eq!(
+            SecretUrl("host=x password=s3 user=u".into()).redacted(),
+            "host=x password=*** user=u"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let err = load(&GOOD.replace("slot = \"vk_catalog\"", "slot = \"vk_catalog\"\nslott = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("slott") && err.contains("sources.catalog"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cross_references_are_checked_with_fixes() {
+        let bad = GOOD
+            .replace("sink = \"cache\"", "sink = \"cahce\"")
+            .replace("slot = \"vk_catalog\"", "slot = \"VK-catalog\"")
+            .replace("source = \"catalog\"", "source = \"catalogue\"");
+        let err = load(&bad).unwrap_err().to_string();
+        for needle in [
+            "projections.ordering_product.sink: unknown sink 'cahce' (declared: cache)",
+            "sources.catalog.slot: 'VK-catalog' is not a valid name",
+            "tables.products.source: unknown source 'catalogue'",
+            "sources.catalog: no table reads from this source",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_says_what_to_pass() {
+        let err = Config::load(Path::new("/nonexistent/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--config"), "{err}");
+    }
+}

@@ -1,0 +1,300 @@
+//! The engine: applies source batches to the state store, renders the affected
+//! documents, writes them to the sinks, and only then checkpoints and acknowledges.
+//!
+//! One batch at a time, in this order (each step's failure leaves the previous
+//! steps' effects safe to replay):
+//! 1. In one state-store transaction: apply every change, find the affected root
+//!    keys of every projection (each document once per batch), reserve versions,
+//!    render the documents, store the source's dead letters; commit.
+//! 2. Write each projection's documents to its sink; a failed write is retried with
+//!    backoff until it succeeds or the worker shuts down. Nothing is acknowledged
+//!    meanwhile, so a dead sink stalls the pipeline instead of losing changes.
+//! 3. Store sink rejections and render failures as dead letters.
+//! 4. Store the checkpoints; then send them to the sources, which ack upstream.
+//!
+//! A crash between 1 and 4 replays the batch from the old checkpoint: changes are
+//! no-ops for rows already newer, but their documents are rendered and written again
+//! with new, higher versions, so the sinks converge.
+
+use crate::store::{DeadLetter, Store, StoreError};
+use backon::BackoffBuilder;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use viewkeeper_connectors::redis::RedisSink;
+use viewkeeper_connectors::sink::{Rejection, SinkDoc, SinkError};
+use viewkeeper_connectors::source::SourceBatch;
+use viewkeeper_projections::model::{Key, Position};
+use viewkeeper_projections::render::{Projection, RenderError};
+
+/// A connected sink.
+pub enum Sink {
+    Redis(RedisSink),
+}
+
+impl Sink {
+    async fn write(&self, p: &Projection, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
+        match self {
+            Sink::Redis(r) => r.write(&p.spec, docs).await,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("state store lookup failed while rendering: {0}")]
+    Lookup(String),
+}
+
+/// Counters the engine keeps (for logs now, metrics later).
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub batches: u64,
+    pub changes: u64,
+    pub documents: u64,
+    pub dead_letters: u64,
+}
+
+pub struct Engine {
+    pub store: Store,
+    pub projections: Vec<Projection>,
+    pub sinks: BTreeMap<String, Arc<Sink>>,
+    pub acks: BTreeMap<String, watch::Sender<Position>>,
+    pub max_batch_changes: usize,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub stats: Stats,
+}
+
+/// The plain text of a key (`42`, `1001:2`): the member of cache sets.
+fn plain_key(key: &Key) -> String {
+    key.values()
+        .iter()
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Engine {
+    /// Processes batches until shutdown or until every source is gone. On shutdown
+    /// the batch in progress is abandoned before its checkpoint (it will replay).
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<SourceBatch>,
+        shutdown: CancellationToken,
+    ) -> Result<Stats, EngineError> {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                b = rx.recv() => match b { Some(b) => b, None => break },
+            };
+            let mut n = first.changes.len();
+            let mut batches = vec![first];
+            while n < self.max_batch_changes {
+                match rx.try_recv() {
+                    Ok(b) => {
+                        n += b.changes.len();
+                        batches.push(b);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !self.process(batches, &shutdown).await? {
+                break;
+            }
+        }
+        info!(
+            batches = self.stats.batches,
+            changes = self.stats.changes,
+            documents = self.stats.documents,
+            "engine stopped"
+        );
+        Ok(self.stats)
+    }
+
+    /// Returns `false` when shutdown interrupted the batch (not checkpointed).
+    pub async fn process(
+        &mut self,
+        batches: Vec<SourceBatch>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, EngineError> {
+        let (docs, mut letters) = tokio::task::block_in_place(|| self.apply_and_render(&batches))?;
+        for (pi, docs) in docs.iter().enumerate() {
+            if docs.is_empty() {
+                continue;
+            }
+            let proj = &self.projections[pi];
+            let sink = self.sinks[&proj.spec.sink].clone();
+            let mut backoff = backon::ExponentialBuilder::default()
+                .with_min_delay(self.retry_min)
+                .with_max_delay(self.retry_max)
+                .with_jitter()
+                .without_max_times()
+                .build();
+            let rejections = loop {
+                match sink.write(proj, docs).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        let delay = backoff.next().unwrap_or(self.retry_max);
+                        warn!(projection = %proj.name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink write failed; retrying (nothing is acknowledged meanwhile)");
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => return Ok(false),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            };
+            for r in rejections {
+                warn!(projection = %proj.name, id = %r.id, reason = %r.reason, "sink rejected document; dead-lettered");
+                letters.push(DeadLetter {
+                    id: 0,
+                    at_ms: 0,
+                    source: String::new(),
+                    position: String::new(),
+                    table: proj.root_table().to_string(),
+                    key: r.id,
+                    stage: format!("sink:{}", proj.spec.sink),
+                    reason: r.reason,
+                    payload: String::new(),
+                });
+            }
+            self.stats.documents += docs.len() as u64;
+        }
+        let mut checkpoints: BTreeMap<String, Position> = BTreeMap::new();
+        for b in &batches {
+            let e = checkpoints.entry(b.source.clone()).or_default();
+            *e = (*e).max(b.checkpoint);
+        }
+        tokio::task::block_in_place(|| -> Result<(), StoreError> {
+            self.store.add_dead_letters(&letters)?;
+            self.store.set_checkpoints(&checkpoints)
+        })?;
+        self.stats.dead_letters += letters.len() as u64;
+        for (source, pos) in checkpoints {
+            if let Some(a) = self.acks.get(&source) {
+                a.send_if_modified(|cur| {
+                    let newer = pos > *cur;
+                    if newer {
+                        *cur = pos;
+                    }
+                    newer
+                });
+            }
+        }
+        self.stats.batches += 1;
+        debug!(batches = batches.len(), "batch durable");
+        Ok(true)
+    }
+
+    /// Step 1: one state-store transaction. Returns documents per projection index,
+    /// and dead letters found on the way (rendering failures).
+    #[allow(clippy::type_complexity)]
+    fn apply_and_render(
+        &mut self,
+        batches: &[SourceBatch],
+    ) -> Result<(Vec<Vec<SinkDoc>>, Vec<DeadLetter>), EngineError> {
+        let tx = self.store.begin()?;
+        let mut affected: Vec<BTreeSet<Key>> = vec![BTreeSet::new(); self.projections.len()];
+        let mut letters = Vec::new();
+        let mut source_letters = Vec::new();
+        for b in batches {
+            for c in &b.changes {
+                let applied = tx.apply(c)?;
+                if !applied.missing_unchanged.is_empty() {
+                    let reason = format!(
+                        "unchanged TOAST column(s) {:?} have no stored value (the row was never seen whole); they stay missing until the row is written again or backfilled",
+                        applied.missing_unchanged
+                    );
+                    warn!(table = %c.table, key = %c.key, "{reason}");
+                    source_letters.push(DeadLetter {
+                        id: 0,
+                        at_ms: 0,
+                        source: b.source.clone(),
+                        position: c.position.to_string(),
+                        table: c.table.clone(),
+                        key: c.key.to_string(),
+                        stage: "apply".into(),
+                        reason,
+                        payload: String::new(),
+                    });
+                }
+                let images: Vec<&_> = applied.images.iter().collect();
+                for (pi, p) in self.projections.iter().enumerate() {
+                    if p.uses_table(&c.table) {
+                        let roots = p
+                            .affected_roots(&c.table, &images, &tx)
+                            .map_err(|e| EngineError::Lookup(e.to_string()))?;
+                        affected[pi].extend(roots);
+                    }
+                }
+            }
+            for d in &b.dead_letters {
+                source_letters.push(DeadLetter {
+                    id: 0,
+                    at_ms: 0,
+                    source: b.source.clone(),
+                    position: d.position.to_string(),
+                    table: d.table.clone(),
+                    key: d.key.clone(),
+                    stage: "decode".into(),
+                    reason: d.reason.clone(),
+                    payload: d.payload.clone(),
+                });
+            }
+            self.stats.changes += b.changes.len() as u64;
+        }
+        tx.add_dead_letters(&source_letters)?;
+        self.stats.dead_letters += source_letters.len() as u64;
+        let total: u64 = affected.iter().map(|s| s.len() as u64).sum();
+        let mut version = if total > 0 {
+            tx.next_versions(total)?
+        } else {
+            0
+        };
+        let mut out = Vec::with_capacity(self.projections.len());
+        for (pi, p) in self.projections.iter().enumerate() {
+            let mut docs = Vec::with_capacity(affected[pi].len());
+            for key in &affected[pi] {
+                match p.render(key, &tx) {
+                    Ok(Some(r)) => docs.push(SinkDoc {
+                        id: r.id,
+                        member: plain_key(key),
+                        body: r.body,
+                        version,
+                        tombstoned: r.tombstoned,
+                    }),
+                    Ok(None) => {}
+                    Err(RenderError::Lookup(e)) => return Err(EngineError::Lookup(e.to_string())),
+                    Err(e @ RenderError::Row { .. }) => {
+                        warn!(projection = %p.name, key = %key, error = %e, "cannot render; dead-lettered");
+                        letters.push(DeadLetter {
+                            id: 0,
+                            at_ms: 0,
+                            source: String::new(),
+                            position: String::new(),
+                            table: p.root_table().to_string(),
+                            key: key.to_string(),
+                            stage: format!("render:{}", p.name),
+                            reason: e.to_string(),
+                            payload: String::new(),
+                        });
+                    }
+                }
+                version += 1;
+            }
+            out.push(docs);
+        }
+        tx.commit()?;
+        Ok((out, letters))
+    }
+}

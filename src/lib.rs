@@ -1,0 +1,9 @@
+//! viewkeeper keeps denormalized read models (Elasticsearch/OpenSearch documents and
+//! Redis caches) in step with the databases of many services, from PostgreSQL logical
+//! replication. See DESIGN.md for the contract; each module states its invariants.
+
+pub mod config;
+pub mod engine;
+pub mod logging;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,86 @@
+//! The `viewkeeper` binary: parses arguments and hands over to the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use viewkeeper::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "viewkeeper",
+    version,
+    about = "Keeps read models in step with many services' databases"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the worker: stream changes into the read models until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where the state store and dead letters live (overrides `data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Load and validate a config file; print it with secrets redacted.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    viewkeeper::logging::init();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            println!("{cfg:#?}");
+            println!("config {} is valid", config.display());
+            Ok(())
+        }
+        Cmd::Run { config, data_dir } => {
+            let cfg = Config::load(&config)?;
+            let data_dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let sd = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutdown signal received");
+                    sd.cancel();
+                });
+                viewkeeper::worker::run(cfg, &data_dir, shutdown).await
+            })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

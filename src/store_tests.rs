@@ -1,0 +1,348 @@
+//! State store semantics on a real SQLite file in a temp dir.
+
+use super::*;
+use serde_json::json;
+use viewkeeper_projections::model::format_ms;
+use viewkeeper_projections::spec::Condition;
+
+fn catalog() -> Catalog {
+    let mut c = Catalog::default();
+    c.tables.insert(
+        "products".into(),
+        TableSpec {
+            source: "catalog".into(),
+            name: "public.products".into(),
+            primary_key: vec!["id".into()],
+            decommissioned: Some(Condition {
+                column: "status".into(),
+                values: vec![json!("decommissioned")],
+            }),
+        },
+    );
+    c.tables.insert(
+        "items".into(),
+        TableSpec {
+            source: "ordering".into(),
+            name: "public.order_items".into(),
+            primary_key: vec!["order_id".into(), "line_no".into()],
+            decommissioned: None,
+        },
+    );
+    c.needed_columns.insert(
+        "products".into(),
+        ["id", "name", "status", "description"]
+            .map(String::from)
+            .into(),
+    );
+    c.needed_columns.insert(
+        "items".into(),
+        ["order_id", "line_no", "product_id"]
+            .map(String::from)
+            .into(),
+    );
+    c.indexes
+        .insert(("items".into(), vec!["product_id".into()]));
+    c
+}
+
+fn upsert(table: &str, key: Value, cells: Vec<(&str, Cell)>, pos: u64) -> Change {
+    Change {
+        table: table.into(),
+        key: Key::from_values(key.as_array().unwrap()),
+        old_key: None,
+        op: Op::Upsert {
+            cells: cells.into_iter().map(|(c, v)| (c.to_string(), v)).collect(),
+        },
+        position: Position::new(pos, 0),
+        commit_time_ms: pos as i64 * 1000,
+    }
+}
+
+fn v(x: Value) -> Cell {
+    Cell::Value(x)
+}
+
+fn get(store: &Store, table: &str, key: Value) -> Option<StoredRow> {
+    store
+        .get(table, &Key::from_values(key.as_array().unwrap()))
+        .unwrap()
+}
+
+fn apply(store: &mut Store, c: &Change) -> Applied {
+    let tx = store.begin().unwrap();
+    let a = tx.apply(c).unwrap();
+    tx.commit().unwrap();
+    a
+}
+
+#[test]
+fn upsert_keeps_needed_columns_and_older_positions_are_noops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let c = upsert(
+        "products",
+        json!([1]),
+        vec![
+            ("id", v(json!(1))),
+            ("name", v(json!("A"))),
+            ("price", v(json!("1.00"))),
+            ("status", v(json!("active"))),
+        ],
+        10,
+    );
+    apply(&mut s, &c);
+    let r = get(&s, "products", json!([1])).unwrap();
+    assert_eq!(
+        r.image,
+        json!({"id": 1, "name": "A", "status": "active"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        "price is not needed"
+    );
+    // A replayed older change does not win, but still names the row for re-rendering.
+    let old = upsert(
+        "products",
+        json!([1]),
+        vec![
+            ("id", v(json!(1))),
+            ("name", v(json!("OLD"))),
+            ("status", v(json!("active"))),
+        ],
+        9,
+    );
+    let a = apply(&mut s, &old);
+    assert_eq!(
+        get(&s, "products", json!([1])).unwrap().image["name"],
+        json!("A")
+    );
+    assert_eq!(a.images.len(), 1);
+    assert_eq!(a.images[0]["name"], json!("A"));
+}
+
+#[test]
+fn unchanged_toast_is_merged_from_the_stored_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let big = "x".repeat(20_000);
+    apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![
+                ("id", v(json!(1))),
+                ("description", v(json!(big))),
+                ("status", v(json!("active"))),
+            ],
+            1,
+        ),
+    );
+    let a = apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![
+                ("id", v(json!(1))),
+                ("description", Cell::Unchanged),
+                ("status", v(json!("draft"))),
+            ],
+            2,
+        ),
+    );
+    assert!(a.missing_unchanged.is_empty());
+    let r = get(&s, "products", json!([1])).unwrap();
+    assert_eq!(r.image["description"].as_str().unwrap().len(), 20_000);
+    assert_eq!(r.image["status"], json!("draft"));
+    // No stored image: the column is reported, never stored as a placeholder.
+    let a = apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([2]),
+            vec![("id", v(json!(2))), ("description", Cell::Unchanged)],
+            3,
+        ),
+    );
+    assert_eq!(a.missing_unchanged, vec!["description".to_string()]);
+    assert!(get(&s, "products", json!([2]))
+        .unwrap()
+        .image
+        .get("description")
+        .is_none());
+}
+
+#[test]
+fn decommission_delete_and_revival() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let row = |st: &str, pos| {
+        upsert(
+            "products",
+            json!([1]),
+            vec![
+                ("id", v(json!(1))),
+                ("name", v(json!("A"))),
+                ("status", v(json!(st))),
+            ],
+            pos,
+        )
+    };
+    apply(&mut s, &row("active", 1));
+    apply(&mut s, &row("decommissioned", 2));
+    let t = get(&s, "products", json!([1])).unwrap().tombstone.unwrap();
+    assert_eq!((t.kind, t.at_ms), (TombstoneKind::Decommissioned, 2000));
+    apply(&mut s, &row("decommissioned", 3));
+    assert_eq!(
+        get(&s, "products", json!([1]))
+            .unwrap()
+            .tombstone
+            .unwrap()
+            .at_ms,
+        2000,
+        "first time kept"
+    );
+    apply(&mut s, &row("active", 4));
+    assert!(
+        get(&s, "products", json!([1])).unwrap().tombstone.is_none(),
+        "revived"
+    );
+    let mut del = row("active", 5);
+    del.op = Op::Delete;
+    apply(&mut s, &del);
+    let r = get(&s, "products", json!([1])).unwrap();
+    assert_eq!(r.tombstone.unwrap().kind, TombstoneKind::Deleted);
+    assert_eq!(r.image["name"], json!("A"), "last image kept");
+    apply(&mut s, &row("active", 6));
+    assert!(
+        get(&s, "products", json!([1])).unwrap().tombstone.is_none(),
+        "re-insert revives"
+    );
+    assert_eq!(format_ms(2000), "1970-01-01T00:00:02.000Z");
+}
+
+#[test]
+fn truncate_tombstones_every_row_and_key_change_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    for id in 1..=3 {
+        apply(
+            &mut s,
+            &upsert(
+                "products",
+                json!([id]),
+                vec![("id", v(json!(id))), ("status", v(json!("active")))],
+                id as u64,
+            ),
+        );
+    }
+    let mut moved = upsert(
+        "products",
+        json!([30]),
+        vec![("id", v(json!(30))), ("status", v(json!("active")))],
+        4,
+    );
+    moved.old_key = Some(Key::from_values(&[json!(3)]));
+    let a = apply(&mut s, &moved);
+    assert_eq!(a.images.len(), 2);
+    assert_eq!(
+        get(&s, "products", json!([3]))
+            .unwrap()
+            .tombstone
+            .unwrap()
+            .kind,
+        TombstoneKind::Deleted
+    );
+    assert!(get(&s, "products", json!([30]))
+        .unwrap()
+        .tombstone
+        .is_none());
+    let mut t = upsert("products", json!([]), vec![], 5);
+    t.op = Op::Truncate;
+    let a = apply(&mut s, &t);
+    assert_eq!(a.images.len(), 4);
+    for id in [1, 2, 3, 30] {
+        assert!(
+            get(&s, "products", json!([id]))
+                .unwrap()
+                .tombstone
+                .is_some(),
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn reverse_index_follows_updates_and_is_built_for_new_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cat = catalog();
+    cat.indexes.clear();
+    {
+        let mut s = Store::open(dir.path(), cat.clone()).unwrap();
+        apply(
+            &mut s,
+            &upsert(
+                "items",
+                json!([1, 1]),
+                vec![
+                    ("order_id", v(json!(1))),
+                    ("line_no", v(json!(1))),
+                    ("product_id", v(json!(42))),
+                ],
+                1,
+            ),
+        );
+    }
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let find = |s: &Store, pid: i64| {
+        s.find("items", &["product_id".to_string()], &[json!(pid)])
+            .unwrap()
+            .len()
+    };
+    assert_eq!(find(&s, 42), 1, "index built on open from existing rows");
+    apply(
+        &mut s,
+        &upsert(
+            "items",
+            json!([1, 1]),
+            vec![
+                ("order_id", v(json!(1))),
+                ("line_no", v(json!(1))),
+                ("product_id", v(json!(43))),
+            ],
+            2,
+        ),
+    );
+    assert_eq!((find(&s, 42), find(&s, 43)), (0, 1));
+}
+
+#[test]
+fn clock_is_monotonic_and_hybrid() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let tx = s.begin().unwrap();
+    let a = tx.next_versions(10).unwrap();
+    let b = tx.next_versions(1).unwrap();
+    tx.commit().unwrap();
+    assert!(b >= a + 10);
+    assert!(a >= (now_ms() as u64 - 60_000) << 20);
+}
+
+#[test]
+fn checkpoints_only_move_forward_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = Store::open(dir.path(), catalog()).unwrap();
+        s.set_checkpoints(&[("catalog".to_string(), Position::new(100, 0))].into())
+            .unwrap();
+        s.set_checkpoints(&[("catalog".to_string(), Position::new(50, 0))].into())
+            .unwrap();
+    }
+    let s = Store::open_read_only(dir.path(), catalog()).unwrap();
+    assert_eq!(
+        s.checkpoint("catalog").unwrap(),
+        Some(Position::new(100, 0))
+    );
+    assert_eq!(s.checkpoint("nope").unwrap(), None);
+}

@@ -1,0 +1,168 @@
+//! `viewkeeper run`: wires config → state store → sources → engine → sinks, and
+//! runs until a shutdown signal or a fatal error.
+//!
+//! Shutdown: one [`CancellationToken`] reaches every task. Sources stop reading, the
+//! engine abandons an unfinished batch before its checkpoint (it replays on the next
+//! start), and the process exits 0. A fatal source error cancels everything and exits
+//! non-zero with the error's fix.
+
+use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::engine::{Engine, Sink};
+use crate::store::{Catalog, Store};
+use anyhow::{bail, Context};
+use backon::BackoffBuilder;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use viewkeeper_connectors::postgres::decode::TableBinding;
+use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
+use viewkeeper_connectors::redis::RedisSink;
+use viewkeeper_projections::model::Position;
+use viewkeeper_projections::render::Projection;
+
+/// Compiles the config's projections and the store catalog they need.
+pub fn compile(cfg: &Config) -> anyhow::Result<(Vec<Projection>, Catalog)> {
+    let mut projections = Vec::new();
+    let mut catalog = Catalog {
+        tables: cfg.tables.clone(),
+        ..Default::default()
+    };
+    for (name, spec) in &cfg.projections {
+        let p = Projection::new(name, spec, &cfg.tables).map_err(anyhow::Error::msg)?;
+        for (t, cols) in p.needed_columns() {
+            catalog.needed_columns.entry(t).or_default().extend(cols);
+        }
+        catalog.indexes.extend(p.join_indexes());
+        projections.push(p);
+    }
+    Ok((projections, catalog))
+}
+
+async fn connect_sinks(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<BTreeMap<String, Arc<Sink>>>> {
+    let mut sinks = BTreeMap::new();
+    for (name, sc) in &cfg.sinks {
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(cfg.engine.retry_min_ms))
+            .with_max_delay(Duration::from_millis(cfg.engine.retry_max_ms))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let sink = loop {
+            let r = match sc {
+                SinkConfig::Redis(r) => RedisSink::connect(name, r.url.expose(), r.pipeline)
+                    .await
+                    .map(Sink::Redis),
+            };
+            match r {
+                Ok(s) => break s,
+                Err(e) => {
+                    let d = backoff.next().unwrap_or(Duration::from_secs(5));
+                    warn!(sink = %name, error = %e, retry_in_ms = d.as_millis() as u64, "sink unreachable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+            }
+        };
+        sinks.insert(name.clone(), Arc::new(sink));
+    }
+    Ok(Some(sinks))
+}
+
+/// Runs the worker until `shutdown` fires or a fatal error occurs.
+pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (projections, catalog) = compile(&cfg)?;
+    let store = Store::open(data_dir, catalog)
+        .with_context(|| format!("opening the state store in {}", data_dir.display()))?;
+    info!(data_dir = %data_dir.display(), projections = projections.len(), "state store open");
+    let Some(sinks) = connect_sinks(&cfg, &shutdown).await? else {
+        return Ok(());
+    };
+    let (tx, rx) = mpsc::channel(cfg.engine.queue_transactions);
+    let mut acks = BTreeMap::new();
+    let mut sources = tokio::task::JoinSet::new();
+    for (name, sc) in &cfg.sources {
+        let checkpoint = store.checkpoint(name)?;
+        let (ack_tx, ack_rx) = watch::channel(checkpoint.unwrap_or(Position::ZERO));
+        acks.insert(name.clone(), ack_tx);
+        match sc {
+            SourceConfig::Postgres(pg) => {
+                let tables: HashMap<String, TableBinding> = cfg
+                    .tables
+                    .iter()
+                    .filter(|(_, t)| &t.source == name)
+                    .map(|(alias, t)| {
+                        (
+                            t.name.clone(),
+                            TableBinding {
+                                alias: alias.clone(),
+                                primary_key: t.primary_key.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                let src = PgSource::new(PgSourceSettings {
+                    name: name.clone(),
+                    url: pg.url.expose().to_string(),
+                    slot: pg.slot.clone(),
+                    publication: pg.publication.clone(),
+                    tables,
+                    status_interval: Duration::from_millis(pg.status_interval_ms),
+                    retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
+                    retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+                });
+                let (tx, sd) = (tx.clone(), shutdown.clone());
+                sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });
+            }
+        }
+    }
+    drop(tx);
+    let engine = Engine {
+        store,
+        projections,
+        sinks,
+        acks,
+        max_batch_changes: cfg.engine.max_batch_changes,
+        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
+        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+        stats: Default::default(),
+    };
+    let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
+    let mut fatal = None;
+    loop {
+        tokio::select! {
+            r = &mut engine_task => {
+                shutdown.cancel();
+                r.context("engine task panicked")??;
+                break;
+            }
+            Some(r) = sources.join_next() => {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        error!(error = %e, "fatal source error; stopping");
+                        fatal.get_or_insert(e.to_string());
+                        shutdown.cancel();
+                    }
+                    Err(e) => {
+                        fatal.get_or_insert(format!("source task panicked: {e}"));
+                        shutdown.cancel();
+                    }
+                }
+            }
+        }
+    }
+    while sources.join_next().await.is_some() {}
+    if let Some(e) = fatal {
+        bail!(e);
+    }
+    Ok(())
+}
