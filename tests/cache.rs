@@ -1,0 +1,298 @@
+//! The per-service Redis product caches, end to end: real Postgres (pgoutput), the real
+//! worker binary, real Redis. Every step is checked against the ground truth in
+//! Postgres (see `common::cache_matches_truth`).
+
+mod common;
+
+use common::*;
+use redis::AsyncCommands;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_lifecycle_follows_postgres() {
+    let shop = Shop::new("lifecycle").await;
+    let _w = shop.worker(&shop.config("")).await;
+    let pg = shop.pg("catalog").await;
+    let steps = [
+        "INSERT INTO products(id, sku, name, price) VALUES (1, 'W-1', 'Widget', 12.50), (2, 'G-2', 'Gadget', 3), (3, 'D-3', 'Draft thing', 1)",
+        "UPDATE products SET status = 'draft' WHERE id = 3",
+        "UPDATE products SET price = 13.75, name = 'Widget+' WHERE id = 1",
+        "UPDATE products SET status = 'decommissioned' WHERE id = 2",
+        "UPDATE products SET status = 'active' WHERE id = 2",
+        "DELETE FROM products WHERE id = 1",
+        "INSERT INTO products(id, sku, name, price) VALUES (1, 'W-1b', 'Widget reborn', 14)",
+        "DELETE FROM products WHERE id = 3",
+    ];
+    for sql in steps {
+        pg.batch_execute(sql).await.unwrap();
+        converge(&shop, T).await;
+    }
+    let mut r = shop.redis().await;
+    // Deleted row 3: kept with its last image, flagged, out of the active set.
+    let h: std::collections::BTreeMap<String, String> =
+        r.hgetall(shop.key("ordering:product:3")).await.unwrap();
+    assert_eq!(h["status"], "decommissioned");
+    assert_eq!(h["name"], "Draft thing");
+    assert!(h.contains_key("decommissioned_at"));
+    // Re-inserted row 1 is active again, with no leftover tombstone field.
+    let h: std::collections::BTreeMap<String, String> =
+        r.hgetall(shop.key("storefront:product:1")).await.unwrap();
+    assert_eq!(h["name"], "Widget reborn");
+    assert!(!h.contains_key("decommissioned_at"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_turns_every_row_into_a_tombstone() {
+    let shop = Shop::new("truncate").await;
+    let _w = shop.worker(&shop.config("")).await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute("INSERT INTO products(id, sku, name, price) SELECT g, 'S' || g, 'P' || g, g FROM generate_series(1, 50) g")
+        .await
+        .unwrap();
+    converge(&shop, T).await;
+    pg.batch_execute("TRUNCATE products").await.unwrap();
+    converge(&shop, T).await;
+    let mut r = shop.redis().await;
+    let n: usize = r
+        .scard(shop.key("storefront:products:active"))
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let status: String = r
+        .hget(shop.key("ordering:product:50"), "status")
+        .await
+        .unwrap();
+    assert_eq!(status, "decommissioned");
+    // A truncated table can come back.
+    pg.batch_execute("INSERT INTO products(id, sku, name, price) VALUES (7, 'S7', 'back', 1)")
+        .await
+        .unwrap();
+    converge(&shop, T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toast_column_survives_an_update_that_does_not_send_it() {
+    let shop = Shop::new("toast").await;
+    // A third cache that carries the description, so the TOASTed column matters.
+    let cfg = shop.config(&format!(
+        r#"
+[projections.descriptions]
+root = "products"
+sink = "cache"
+key = "{}:desc:{{id}}"
+fields = ["description", "price"]
+"#,
+        shop.prefix
+    ));
+    let _w = shop.worker(&cfg).await;
+    let pg = shop.pg("catalog").await;
+    // 20 kB of incompressible text: random hex digits from md5 chains.
+    pg.batch_execute(
+        "INSERT INTO products(id, sku, name, price, description)
+         SELECT 1, 'T-1', 'Toasty', 5, string_agg(md5(random()::text), '') FROM generate_series(1, 625)",
+    )
+    .await
+    .unwrap();
+    let desc: String = pg
+        .query_one("SELECT description FROM products WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(desc.len(), 20_000);
+    pg.batch_execute("UPDATE products SET price = 6.25 WHERE id = 1")
+        .await
+        .unwrap();
+    converge(&shop, T).await;
+    let mut r = shop.redis().await;
+    let key = shop.key("desc:1");
+    let (d, p): (String, String) = wait_until("description cache has the new price", T, || {
+        let mut r = r.clone();
+        let key = key.clone();
+        async move {
+            let (d, p): (Option<String>, Option<String>) = redis::pipe()
+                .hget(&key, "description")
+                .hget(&key, "price")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            (p.as_deref() == Some("6.25")).then(|| (d.unwrap_or_default(), p.unwrap()))
+        }
+    })
+    .await;
+    assert_eq!(p, "6.25");
+    assert_eq!(
+        d, desc,
+        "the unchanged TOAST value is merged from the stored image"
+    );
+    let _: () = r.del(&key).await.unwrap();
+    assert!(shop.dead_letters().is_empty(), "{:?}", shop.dead_letters());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_row_transaction_with_unicode_and_quotes() {
+    let shop = Shop::new("bigtx").await;
+    let _w = shop.worker(&shop.config("")).await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute(
+        r#"INSERT INTO products(id, sku, name, price, status)
+           SELECT g, 'SKU-' || g, 'Ünïcødé "quoted" ''single'' \ back ✓ 🚀 #' || g, (g % 1000) + 0.99,
+                  CASE WHEN g % 10 = 0 THEN 'draft' ELSE 'active' END
+           FROM generate_series(1, 5000) g"#,
+    )
+    .await
+    .unwrap();
+    converge(&shop, Duration::from_secs(90)).await;
+    let mut r = shop.redis().await;
+    let name: String = r
+        .hget(shop.key("ordering:product:42"), "name")
+        .await
+        .unwrap();
+    assert_eq!(name, "Ünïcødé \"quoted\" 'single' \\ back ✓ 🚀 #42");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_converges_after_restart() {
+    let shop = Shop::new("sigkill").await;
+    let cfg = shop.config("");
+    let mut w = shop.worker(&cfg).await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute("INSERT INTO products(id, sku, name, price) SELECT g, 'K' || g, 'p' || g, 1 FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    // A stream of 4,000 updates in 100 transactions, with kills in the middle.
+    let writer = {
+        let pg = shop.pg("catalog").await;
+        tokio::spawn(async move {
+            for round in 0..100 {
+                let status = ["active", "draft", "decommissioned", "active"][round % 4];
+                pg.batch_execute(&format!(
+                    "BEGIN; UPDATE products SET price = price + 1, status = '{status}' WHERE id % 5 = {m};
+                     UPDATE products SET name = name || '.' WHERE id <= 40 + {round}; COMMIT;",
+                    m = round % 5
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    for _ in 0..3 {
+        // Kill once the worker has made progress past its start.
+        let before = shop.confirmed_flush("catalog").await.unwrap_or(0);
+        wait_until("worker acknowledged something new", T, || async {
+            (shop.confirmed_flush("catalog").await.unwrap_or(0) > before).then_some(())
+        })
+        .await;
+        w.kill9();
+        w = shop.worker(&cfg).await;
+    }
+    writer.await.unwrap();
+    pg.batch_execute("DELETE FROM products WHERE id % 7 = 0")
+        .await
+        .unwrap();
+    converge(&shop, Duration::from_secs(90)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_cannot_render_is_dead_lettered_and_the_rest_flows() {
+    let shop = Shop::new("deadletter").await;
+    // A cache keyed by a nullable column: a row with NULL there has no key.
+    let cfg = shop.config(&format!(
+        r#"
+[projections.by_description]
+root = "products"
+sink = "cache"
+key = "{}:bydesc:{{description}}"
+fields = ["name"]
+"#,
+        shop.prefix
+    ));
+    let w = shop.worker(&cfg).await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute(
+        "INSERT INTO products(id, sku, name, price, description) VALUES (1, 'a', 'no description', 1, NULL);
+         INSERT INTO products(id, sku, name, price, description) VALUES (2, 'b', 'described', 1, 'x')",
+    )
+    .await
+    .unwrap();
+    converge(&shop, T).await;
+    let mut r = shop.redis().await;
+    let name: String = r.hget(shop.key("bydesc:x"), "name").await.unwrap();
+    assert_eq!(name, "described");
+    let letters = wait_until("dead letter recorded", T, || async {
+        let d = shop.dead_letters();
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(letters[0].0, "products");
+    assert_eq!(letters[0].1, "[1]");
+    assert!(
+        letters[0].2.contains("key column 'description' is null"),
+        "{letters:?}"
+    );
+    assert!(w.log_text().contains("cannot render"), "logged too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_database_slot_advances_and_restart_resumes() {
+    let shop = Shop::new("idle").await;
+    let cfg = shop.config("");
+    let mut w = shop.worker(&cfg).await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute("INSERT INTO products(id, sku, name, price) VALUES (1, 'a', 'a', 1)")
+        .await
+        .unwrap();
+    converge(&shop, T).await;
+    // WAL written elsewhere on the server moves the idle identity slot forward
+    // (keepalives are passed through the engine as empty batches).
+    let identity_before = shop.confirmed_flush("identity").await.unwrap();
+    let target = shop.current_lsn("catalog").await;
+    assert!(target > identity_before);
+    wait_until(
+        "idle slot confirmed past other databases' WAL",
+        Duration::from_secs(60),
+        || async { (shop.confirmed_flush("identity").await.unwrap() >= target).then_some(()) },
+    )
+    .await;
+    assert_eq!(w.terminate(), Some(0), "SIGTERM exits cleanly");
+    pg.batch_execute("UPDATE products SET name = 'while stopped' WHERE id = 1")
+        .await
+        .unwrap();
+    let _w = shop.worker(&cfg).await;
+    converge(&shop, T).await;
+}
+
+#[test]
+fn bad_config_names_the_key_path_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(format!("{REPO}/config/shop.toml"))
+        .unwrap()
+        .replace(
+            "sink = \"cache\"\nkey = \"ordering",
+            "sink = \"cahce\"\nkey = \"ordering",
+        );
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("projections.ordering_products.sink: unknown sink 'cahce' (declared: cache)"),
+        "{err}"
+    );
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["check-config", "--config"])
+        .arg(format!("{REPO}/config/shop.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

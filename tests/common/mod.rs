@@ -1,0 +1,382 @@
+//! Test harness: real servers, a fresh shop (databases, slots, key prefix) per test,
+//! the real `viewkeeper` binary as a child process, and waits on conditions with
+//! deadlines (never bare sleeps).
+//!
+//! Servers: each endpoint comes from the environment (`VK_PG_URL`, `VK_REDIS_URL`), so
+//! the suite can run against any server; otherwise the local servers of
+//! `scripts/services.sh` (started here if they are not up).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+pub struct Servers {
+    /// Server URL without a database, e.g. `postgres://postgres@127.0.0.1:54329`.
+    pub pg: String,
+    pub redis: String,
+}
+
+/// The servers, started through `scripts/services.sh` when not given by the env.
+pub fn servers() -> &'static Servers {
+    static S: OnceLock<Servers> = OnceLock::new();
+    S.get_or_init(|| {
+        let pg = std::env::var("VK_PG_URL").ok();
+        let redis = std::env::var("VK_REDIS_URL").ok();
+        if pg.is_none() || redis.is_none() {
+            let st = Command::new(format!("{REPO}/scripts/services.sh"))
+                .args(["up", "postgres", "redis"])
+                .stdout(Stdio::null())
+                .status()
+                .expect("run scripts/services.sh");
+            assert!(st.success(), "scripts/services.sh up postgres redis failed");
+        }
+        let pg = pg.unwrap_or_else(|| "postgres://postgres@127.0.0.1:54329/postgres".into());
+        let pg = pg.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
+        Servers {
+            pg,
+            redis: redis.unwrap_or_else(|| "redis://127.0.0.1:63799".into()),
+        }
+    })
+}
+
+/// Waits until `f` returns `Some`, polling every 50 ms; panics with `what` after `timeout`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh copy of the demo shop: its own three databases (from config/shop.sql), its
+/// own slots and publications, its own Redis key prefix.
+pub struct Shop {
+    pub prefix: String,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl Shop {
+    pub async fn new(test: &str) -> Shop {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "t{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst),
+            test
+        );
+        let s = servers();
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .arg("-v")
+            .arg(format!("identity_db={prefix}_identity"))
+            .arg("-v")
+            .arg(format!("catalog_db={prefix}_catalog"))
+            .arg("-v")
+            .arg(format!("ordering_db={prefix}_ordering"))
+            .arg("-d")
+            .arg(format!("{}/postgres", s.pg))
+            .arg("-f")
+            .arg(format!("{REPO}/config/shop.sql"))
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "shop.sql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Shop {
+            prefix,
+            data_dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn db_url(&self, service: &str) -> String {
+        format!("{}/{}_{service}", servers().pg, self.prefix)
+    }
+
+    /// config/shop.toml rewritten for this shop (databases, slots, key prefix) plus
+    /// `extra` TOML appended.
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let mut text = std::fs::read_to_string(format!("{REPO}/config/shop.toml")).unwrap();
+        for svc in ["identity", "catalog", "ordering"] {
+            text = text
+                .replace(
+                    &format!("\"postgres://postgres@127.0.0.1:54329/{svc}\""),
+                    &format!("\"{}\"", self.db_url(svc)),
+                )
+                .replace(
+                    &format!("\"viewkeeper_{svc}\""),
+                    &format!("\"{}_{svc}\"", self.prefix),
+                );
+        }
+        text = text.replace("redis://127.0.0.1:63799", &servers().redis);
+        for k in [
+            "ordering:product:",
+            "storefront:product:",
+            "storefront:products:active",
+        ] {
+            text = text.replace(&format!("\"{k}"), &format!("\"{}:{k}", self.prefix));
+        }
+        text.push_str(extra);
+        let path = self.data_dir.path().join("viewkeeper.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub async fn pg(&self, service: &str) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.db_url(service), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(servers().redis.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub fn key(&self, k: &str) -> String {
+        format!("{}:{k}", self.prefix)
+    }
+
+    /// The slot's confirmed flush LSN (as a number), if the slot exists.
+    pub async fn confirmed_flush(&self, service: &str) -> Option<u64> {
+        let c = self.pg(service).await;
+        let slot = format!("{}_{service}", self.prefix);
+        let row = c
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        row.and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|v| v as u64)
+    }
+
+    pub async fn current_lsn(&self, service: &str) -> u64 {
+        let c = self.pg(service).await;
+        c.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0) as u64
+    }
+
+    /// Dead letters recorded in the worker's state store.
+    pub fn dead_letters(&self) -> Vec<(String, String, String)> {
+        let path = self.data_dir.path().join("data").join("state.db");
+        let Ok(c) = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
+            return vec![];
+        };
+        let mut st = c
+            .prepare("SELECT tbl, key, reason FROM dead_letters ORDER BY id")
+            .unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// Starts the worker and waits until it streams from all three slots (changes
+    /// committed before a slot exists are not in it).
+    pub async fn worker(&self, config: &Path) -> Worker {
+        let w = Worker::start(config, &self.data_dir.path().join("data"));
+        let c = self.pg("catalog").await;
+        let like = format!("{}\\_%", self.prefix.replace('_', "\\_"));
+        wait_until("worker streaming from its three slots", Duration::from_secs(30), || async {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1 AND active", &[&like])
+                .await
+                .unwrap()
+                .get(0);
+            (n == 3).then_some(())
+        })
+        .await;
+        w
+    }
+}
+
+/// The `viewkeeper run` child process; killed on drop.
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn start(config: &Path, data_dir: &Path) -> Worker {
+        let log = data_dir.with_extension(format!(
+            "log.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("VIEWKEEPER_LOG", "info,viewkeeper=debug")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start viewkeeper");
+        Worker { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or checkpoint anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every cache entry against Postgres: `Ok(())` when they agree, else the first
+/// difference. Rows gone from Postgres must be tombstones (status decommissioned).
+pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
+    use redis::AsyncCommands;
+    use std::collections::{BTreeMap, BTreeSet};
+    let pg = shop.pg("catalog").await;
+    let rows = pg
+        .query(
+            "SELECT id, sku, name, price::text, status FROM products ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut r = shop.redis().await;
+    let mut truth_ids = BTreeSet::new();
+    let mut active = BTreeSet::new();
+    for row in &rows {
+        let id: i64 = row.get(0);
+        let (sku, name, price, status): (String, String, String, String) =
+            (row.get(1), row.get(2), row.get(3), row.get(4));
+        truth_ids.insert(id);
+        if status == "active" {
+            active.insert(id.to_string());
+        }
+        for (prefix, fields) in [
+            (
+                "ordering:product:",
+                vec![
+                    ("sku", &sku),
+                    ("name", &name),
+                    ("price", &price),
+                    ("status", &status),
+                ],
+            ),
+            (
+                "storefront:product:",
+                vec![("name", &name), ("price", &price), ("status", &status)],
+            ),
+        ] {
+            let key = shop.key(&format!("{prefix}{id}"));
+            let mut h: BTreeMap<String, String> =
+                r.hgetall(&key).await.map_err(|e| e.to_string())?;
+            if h.remove("_version").is_none() {
+                return Err(format!("{key}: missing or without _version: {h:?}"));
+            }
+            let at = h.remove("decommissioned_at");
+            if at.is_some() != (status == "decommissioned") {
+                return Err(format!(
+                    "{key}: decommissioned_at {at:?} with status {status}"
+                ));
+            }
+            let want: BTreeMap<String, String> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            if h != want {
+                return Err(format!("{key}: have {h:?}, want {want:?}"));
+            }
+        }
+    }
+    let pattern = shop.key("ordering:product:*");
+    let keys: Vec<String> = r.keys(&pattern).await.map_err(|e| e.to_string())?;
+    for k in keys {
+        let id: i64 = k.rsplit(':').next().unwrap().parse().unwrap();
+        if truth_ids.contains(&id) {
+            continue;
+        }
+        let status: Option<String> = r.hget(&k, "status").await.map_err(|e| e.to_string())?;
+        let at: Option<String> = r
+            .hget(&k, "decommissioned_at")
+            .await
+            .map_err(|e| e.to_string())?;
+        if status.as_deref() != Some("decommissioned") || at.is_none() {
+            return Err(format!("{k}: row deleted in Postgres but cache has status {status:?}, decommissioned_at {at:?}"));
+        }
+    }
+    let members: BTreeSet<String> = r
+        .smembers(shop.key("storefront:products:active"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let want: BTreeSet<String> = active;
+    if members != want {
+        return Err(format!(
+            "active set differs: extra {:?}, missing {:?}",
+            members.difference(&want).take(5).collect::<Vec<_>>(),
+            want.difference(&members).take(5).collect::<Vec<_>>()
+        ));
+    }
+    Ok(())
+}
+
+/// Waits until the caches equal the truth; on timeout, panics with the last difference.
+pub async fn converge(shop: &Shop, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        match cache_matches_truth(shop).await {
+            Ok(()) => return,
+            Err(e) if start.elapsed() > timeout => {
+                panic!("caches did not converge within {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
