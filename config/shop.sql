@@ -58,6 +58,11 @@ DROP DATABASE IF EXISTS :"identity_db" WITH (FORCE);
 DROP DATABASE IF EXISTS :"catalog_db" WITH (FORCE);
 DROP DATABASE IF EXISTS :"ordering_db" WITH (FORCE);
 
+-- psql -v drop_only=1 ... removes the shop and stops here (used by the tests' cleanup).
+\if :{?drop_only}
+\quit
+\endif
+
 CREATE DATABASE :"identity_db";
 CREATE DATABASE :"catalog_db";
 CREATE DATABASE :"ordering_db";

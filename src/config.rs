@@ -96,12 +96,7 @@ impl SecretUrl {
             let auth_end = rest.find('/').unwrap_or(rest.len());
             if let Some(at) = rest[..auth_end].rfind('@') {
                 if let Some(colon) = rest[..at].find(':') {
-                    return format!(
-                        "{}{}:***{}",
-                        &s[..scheme_end + 3],
-                        &rest[..colon],
-                        &rest[at..]
-                    );
+                    return format!("{}{}:***{}", &s[..scheme_end + 3], &rest[..colon], &rest[at..]);
                 }
             }
         }
@@ -155,6 +150,36 @@ impl PostgresSource {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SinkConfig {
     Redis(RedisSink),
+    /// Elasticsearch 8 or OpenSearch 2 (`kind = "opensearch"` is the same).
+    #[serde(alias = "opensearch")]
+    Elasticsearch(SearchSink),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSink {
+    /// `http(s)://[user:password@]host:port`.
+    pub url: SecretUrl,
+    /// A bulk request is cut once it passes this size; one request is in flight.
+    #[serde(default = "SearchSink::default_max_bulk_bytes")]
+    pub max_bulk_bytes: usize,
+    /// Rounds of retrying only the items refused with 429/5xx within one write.
+    #[serde(default = "SearchSink::default_item_retries")]
+    pub item_retries: usize,
+    #[serde(default = "SearchSink::default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+impl SearchSink {
+    fn default_max_bulk_bytes() -> usize {
+        5 * 1024 * 1024
+    }
+    fn default_item_retries() -> usize {
+        3
+    }
+    fn default_request_timeout_ms() -> u64 {
+        30_000
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,7 +221,9 @@ impl Config {
         if !path.is_file() {
             return Err(ConfigError::Invalid {
                 path: shown.clone(),
-                problems: vec![format!("no such file: {shown} (pass --config with the path of a TOML file, e.g. config/shop.toml)")],
+                problems: vec![format!(
+                    "no such file: {shown} (pass --config with the path of a TOML file, e.g. config/shop.toml)"
+                )],
             });
         }
         let cfg: Config = Figment::new()
@@ -211,10 +238,7 @@ impl Config {
         if problems.is_empty() {
             Ok(cfg)
         } else {
-            Err(ConfigError::Invalid {
-                path: shown,
-                problems,
-            })
+            Err(ConfigError::Invalid { path: shown, problems })
         }
     }
 
@@ -231,9 +255,7 @@ impl Config {
             out.push("engine.max_batch_changes: must be at least 1".into());
         }
         if self.engine.retry_min_ms == 0 || self.engine.retry_min_ms > self.engine.retry_max_ms {
-            out.push(
-                "engine.retry_min_ms: must be at least 1 and at most engine.retry_max_ms".into(),
-            );
+            out.push("engine.retry_min_ms: must be at least 1 and at most engine.retry_max_ms".into());
         }
         let mut slots = BTreeSet::new();
         for (name, src) in &self.sources {
@@ -243,11 +265,7 @@ impl Config {
                     let p = format!("sources.{name}");
                     check_ident(&mut out, &format!("{p}.slot"), &pg.slot);
                     check_ident(&mut out, &format!("{p}.publication"), &pg.publication);
-                    if let Err(e) = pg
-                        .url
-                        .expose()
-                        .parse::<viewkeeper_connectors::postgres::PgConfig>()
-                    {
+                    if let Err(e) = pg.url.expose().parse::<viewkeeper_connectors::postgres::PgConfig>() {
                         out.push(format!("{p}.url: not a Postgres connection string ({e}); e.g. postgres://postgres@127.0.0.1:54329/catalog"));
                     }
                     if !slots.insert((pg.url.expose().to_string(), pg.slot.clone())) {
@@ -272,15 +290,16 @@ impl Config {
             check_ident(&mut out, &format!("sinks.{name}"), name);
             match sink {
                 SinkConfig::Redis(r) => {
-                    if !r.url.expose().starts_with("redis://")
-                        && !r.url.expose().starts_with("rediss://")
-                    {
-                        out.push(format!(
-                            "sinks.{name}.url: must start with redis:// or rediss://"
-                        ));
+                    if !r.url.expose().starts_with("redis://") && !r.url.expose().starts_with("rediss://") {
+                        out.push(format!("sinks.{name}.url: must start with redis:// or rediss://"));
                     }
                     if r.pipeline == 0 {
                         out.push(format!("sinks.{name}.pipeline: must be at least 1"));
+                    }
+                }
+                SinkConfig::Elasticsearch(e) => {
+                    if !e.url.expose().starts_with("http://") && !e.url.expose().starts_with("https://") {
+                        out.push(format!("sinks.{name}.url: must start with http:// or https://"));
                     }
                 }
             }
@@ -294,11 +313,25 @@ impl Config {
                     self.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
                 ));
             }
-            if matches!(self.sinks.get(&p.sink), Some(SinkConfig::Redis(_))) && p.fields.is_empty()
-            {
-                out.push(format!(
-                    "projections.{name}.fields: a cache entry needs at least one field"
-                ));
+            match self.sinks.get(&p.sink) {
+                Some(SinkConfig::Redis(_)) => {
+                    if p.fields.is_empty() {
+                        out.push(format!("projections.{name}.fields: a cache entry needs at least one field"));
+                    }
+                    if p.index.is_some() {
+                        out.push(format!("projections.{name}.index: only for search sinks; sink '{}' is Redis", p.sink));
+                    }
+                    if p.on_delete == viewkeeper_projections::spec::OnDelete::Delete {
+                        out.push(format!("projections.{name}.on_delete: Redis entries of deleted rows are kept as tombstones; remove on_delete or use tombstone_ttl_s"));
+                    }
+                }
+                Some(SinkConfig::Elasticsearch(_)) => match &p.index {
+                    None => out.push(format!(
+                        "projections.{name}.index: a search projection needs [projections.{name}.index] with alias (and mappings)"
+                    )),
+                    Some(ix) => check_ident(&mut out, &format!("projections.{name}.index.alias"), &ix.alias),
+                },
+                None => {}
             }
         }
         out.extend(
@@ -366,10 +399,7 @@ mod tests {
     fn loads_and_env_overrides_any_key() {
         Jail::expect_with(|jail| {
             jail.create_file("c.toml", GOOD)?;
-            jail.set_env(
-                "VIEWKEEPER__SOURCES__CATALOG__URL",
-                "postgres://u@db:5432/catalog",
-            );
+            jail.set_env("VIEWKEEPER__SOURCES__CATALOG__URL", "postgres://u@db:5432/catalog");
             jail.set_env("VIEWKEEPER__ENGINE__MAX_BATCH_CHANGES", "7");
             let c = Config::load(Path::new("c.toml")).expect("valid");
             let SourceConfig::Postgres(pg) = &c.sources["catalog"];
@@ -397,10 +427,7 @@ mod tests {
         let err = load(&GOOD.replace("slot = \"vk_catalog\"", "slot = \"vk_catalog\"\nslott = 1"))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("slott") && err.contains("sources.catalog"),
-            "{err}"
-        );
+        assert!(err.contains("slott") && err.contains("sources.catalog"), "{err}");
     }
 
     #[test]
@@ -422,9 +449,7 @@ mod tests {
 
     #[test]
     fn missing_file_says_what_to_pass() {
-        let err = Config::load(Path::new("/nonexistent/x.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load(Path::new("/nonexistent/x.toml")).unwrap_err().to_string();
         assert!(err.contains("--config"), "{err}");
     }
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::redis::RedisSink;
 use viewkeeper_connectors::sink::{Rejection, SinkDoc, SinkError};
 use viewkeeper_connectors::source::SourceBatch;
@@ -33,12 +34,20 @@ use viewkeeper_projections::render::{Projection, RenderError};
 /// A connected sink.
 pub enum Sink {
     Redis(RedisSink),
+    Search(SearchSink),
 }
 
 impl Sink {
     async fn write(&self, p: &Projection, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
         match self {
             Sink::Redis(r) => r.write(&p.spec, docs).await,
+            Sink::Search(s) => match &p.spec.index {
+                Some(ix) => s.write(&ix.alias, docs).await,
+                None => Err(SinkError {
+                    sink: p.spec.sink.clone(),
+                    message: format!("projection {} has no index", p.name),
+                }),
+            },
         }
     }
 }
@@ -256,11 +265,7 @@ impl Engine {
         tx.add_dead_letters(&source_letters)?;
         self.stats.dead_letters += source_letters.len() as u64;
         let total: u64 = affected.iter().map(|s| s.len() as u64).sum();
-        let mut version = if total > 0 {
-            tx.next_versions(total)?
-        } else {
-            0
-        };
+        let mut version = if total > 0 { tx.next_versions(total)? } else { 0 };
         let mut out = Vec::with_capacity(self.projections.len());
         for (pi, p) in self.projections.iter().enumerate() {
             let mut docs = Vec::with_capacity(affected[pi].len());

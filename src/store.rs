@@ -21,9 +21,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use viewkeeper_projections::model::{
-    Cell, Change, Key, Op, Position, Row, StoredRow, Tombstone, TombstoneKind,
-};
+use viewkeeper_projections::model::{Cell, Change, Key, Op, Position, Row, StoredRow, Tombstone, TombstoneKind};
 use viewkeeper_projections::render::{LookupError, RowLookup};
 use viewkeeper_projections::spec::TableSpec;
 
@@ -139,11 +137,9 @@ impl Store {
     pub fn open_read_only(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
         let path = dir.join(STATE_FILE);
         let conn =
-            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-                StoreError::Open {
-                    path: path.display().to_string(),
-                    source: e,
-                }
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                source: e,
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         Ok(Store { conn, catalog })
@@ -153,12 +149,9 @@ impl Store {
     /// projection or relation), and drops ones no longer declared.
     fn sync_indexes(&mut self) -> Result<(), StoreError> {
         let have: BTreeSet<(String, String)> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT v FROM meta WHERE k = 'indexes'")?;
+            let mut st = self.conn.prepare("SELECT v FROM meta WHERE k = 'indexes'")?;
             let v: Option<String> = st.query_row([], |r| r.get(0)).optional()?;
-            v.and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or_default()
+            v.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
         };
         let want: BTreeSet<(String, String)> = self
             .catalog
@@ -171,10 +164,7 @@ impl Store {
         }
         let tx = self.conn.transaction()?;
         for (t, c) in have.difference(&want) {
-            tx.execute(
-                "DELETE FROM idx WHERE tbl = ?1 AND cols = ?2",
-                params![t, c],
-            )?;
+            tx.execute("DELETE FROM idx WHERE tbl = ?1 AND cols = ?2", params![t, c])?;
         }
         for (t, cols) in &self.catalog.indexes {
             if have.contains(&(t.clone(), cols_key(cols))) {
@@ -229,22 +219,14 @@ impl Store {
             .query_row(
                 "SELECT pos_major, pos_minor FROM checkpoints WHERE source = ?1",
                 params![source],
-                |r| {
-                    Ok(Position::new(
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, i64>(1)? as u64,
-                    ))
-                },
+                |r| Ok(Position::new(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
             .optional()?)
     }
 
     /// Records that everything of these sources up to the positions is in the state
     /// store and acknowledged by every sink. Call only then.
-    pub fn set_checkpoints(
-        &mut self,
-        positions: &BTreeMap<String, Position>,
-    ) -> Result<(), StoreError> {
+    pub fn set_checkpoints(&mut self, positions: &BTreeMap<String, Position>) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         for (source, p) in positions {
             tx.execute(
@@ -262,9 +244,7 @@ impl Store {
     pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT count(*) FROM dead_letters", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
+            .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
@@ -302,24 +282,16 @@ impl Store {
 
     /// Number of stored rows per table (tombstones included).
     pub fn row_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT tbl, count(*) FROM rows GROUP BY tbl")?;
-        let rows = st.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })?;
+        let mut st = self.conn.prepare("SELECT tbl, count(*) FROM rows GROUP BY tbl")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Keys of every stored row of `table`.
     pub fn keys(&self, table: &str) -> Result<Vec<Key>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT key FROM rows WHERE tbl = ?1 ORDER BY key")?;
+        let mut st = self.conn.prepare("SELECT key FROM rows WHERE tbl = ?1 ORDER BY key")?;
         let rows = st.query_map(params![table], |r| r.get::<_, String>(0))?;
-        Ok(rows
-            .map(|r| r.map(Key::from_canonical))
-            .collect::<Result<_, _>>()?)
+        Ok(rows.map(|r| r.map(Key::from_canonical)).collect::<Result<_, _>>()?)
     }
 }
 
@@ -345,10 +317,7 @@ fn insert_dead_letters(conn: &Connection, letters: &[DeadLetter]) -> Result<(), 
 
 /// The canonical value of `cols` in `image`, `None` when any is missing or null.
 fn index_value(image: &Row, cols: &[String]) -> Option<String> {
-    let vals: Option<Vec<&Value>> = cols
-        .iter()
-        .map(|c| image.get(c).filter(|v| !v.is_null()))
-        .collect();
+    let vals: Option<Vec<&Value>> = cols.iter().map(|c| image.get(c).filter(|v| !v.is_null())).collect();
     vals.map(|v| Key::from_values(v).as_str().to_string())
 }
 
@@ -398,10 +367,8 @@ impl StoreTx<'_> {
                 ))
             })
             .optional()?;
-        row.map(|(image, pos, kind, at)| {
-            Ok((decode_row(table, key.clone(), &image, kind, at)?, pos))
-        })
-        .transpose()
+        row.map(|(image, pos, kind, at)| Ok((decode_row(table, key.clone(), &image, kind, at)?, pos)))
+            .transpose()
     }
 
     fn save(&self, table: &str, row: &StoredRow, pos: Position) -> Result<(), StoreError> {
@@ -427,13 +394,7 @@ impl StoreTx<'_> {
         Ok(())
     }
 
-    fn reindex(
-        &self,
-        table: &str,
-        key: &Key,
-        old: Option<&Row>,
-        new: &Row,
-    ) -> Result<(), StoreError> {
+    fn reindex(&self, table: &str, key: &Key, old: Option<&Row>, new: &Row) -> Result<(), StoreError> {
         for (t, cols) in &self.catalog.indexes {
             if t != table {
                 continue;
@@ -446,16 +407,12 @@ impl StoreTx<'_> {
             let ck = cols_key(cols);
             if let Some(v) = before {
                 self.tx
-                    .prepare_cached(
-                        "DELETE FROM idx WHERE tbl = ?1 AND cols = ?2 AND val = ?3 AND key = ?4",
-                    )?
+                    .prepare_cached("DELETE FROM idx WHERE tbl = ?1 AND cols = ?2 AND val = ?3 AND key = ?4")?
                     .execute(params![t, ck, v, key.as_str()])?;
             }
             if let Some(v) = after {
                 self.tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO idx(tbl, cols, val, key) VALUES (?1, ?2, ?3, ?4)",
-                    )?
+                    .prepare_cached("INSERT OR IGNORE INTO idx(tbl, cols, val, key) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![t, ck, v, key.as_str()])?;
             }
         }
@@ -466,10 +423,8 @@ impl StoreTx<'_> {
     pub fn apply(&self, change: &Change) -> Result<Applied, StoreError> {
         let table = change.table.as_str();
         // Tables no projection reads are not kept.
-        let (Some(spec), Some(needed)) = (
-            self.catalog.tables.get(table),
-            self.catalog.needed_columns.get(table),
-        ) else {
+        let (Some(spec), Some(needed)) = (self.catalog.tables.get(table), self.catalog.needed_columns.get(table))
+        else {
             return Ok(Applied::default());
         };
         let mut applied = Applied::default();
@@ -495,14 +450,12 @@ impl StoreTx<'_> {
                         Cell::Value(v) => {
                             image.insert(col.clone(), v.clone());
                         }
-                        Cell::Unchanged => {
-                            match stored.as_ref().and_then(|(s, _)| s.image.get(col)) {
-                                Some(v) => {
-                                    image.insert(col.clone(), v.clone());
-                                }
-                                None => applied.missing_unchanged.push(col.clone()),
+                        Cell::Unchanged => match stored.as_ref().and_then(|(s, _)| s.image.get(col)) {
+                            Some(v) => {
+                                image.insert(col.clone(), v.clone());
                             }
-                        }
+                            None => applied.missing_unchanged.push(col.clone()),
+                        },
                     }
                 }
                 let old_tomb = stored.as_ref().and_then(|(s, _)| s.tombstone.clone());
@@ -531,9 +484,7 @@ impl StoreTx<'_> {
             Op::Truncate => {
                 let mut keys = Vec::new();
                 {
-                    let mut st = self
-                        .tx
-                        .prepare_cached("SELECT key FROM rows WHERE tbl = ?1")?;
+                    let mut st = self.tx.prepare_cached("SELECT key FROM rows WHERE tbl = ?1")?;
                     let mut q = st.query(params![table])?;
                     while let Some(r) = q.next()? {
                         keys.push(Key::from_canonical(r.get(0)?));
@@ -547,13 +498,7 @@ impl StoreTx<'_> {
         Ok(applied)
     }
 
-    fn delete(
-        &self,
-        table: &str,
-        key: &Key,
-        change: &Change,
-        applied: &mut Applied,
-    ) -> Result<(), StoreError> {
+    fn delete(&self, table: &str, key: &Key, change: &Change, applied: &mut Applied) -> Result<(), StoreError> {
         let spec = &self.catalog.tables[table];
         match self.load(table, key)? {
             Some((s, pos)) if pos >= change.position => applied.images.push(s.image),
@@ -618,18 +563,13 @@ fn decode_row(
         },
         at_ms: at.unwrap_or(0),
     });
-    Ok(StoredRow {
-        key,
-        image,
-        tombstone,
-    })
+    Ok(StoredRow { key, image, tombstone })
 }
 
 /// Read access for rendering and fan-out, over any connection (the worker's, or a
 /// read-only one).
 fn lookup_get(conn: &Connection, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError> {
-    let mut st = conn
-        .prepare_cached("SELECT image, tomb_kind, tomb_at FROM rows WHERE tbl = ?1 AND key = ?2")?;
+    let mut st = conn.prepare_cached("SELECT image, tomb_kind, tomb_at FROM rows WHERE tbl = ?1 AND key = ?2")?;
     let r = st
         .query_row(params![table, key.as_str()], |r| {
             Ok((
@@ -650,11 +590,7 @@ fn lookup_find(
     columns: &[String],
     values: &[Value],
 ) -> Result<Vec<StoredRow>, LookupError> {
-    if catalog
-        .tables
-        .get(table)
-        .is_some_and(|t| t.primary_key == columns)
-    {
+    if catalog.tables.get(table).is_some_and(|t| t.primary_key == columns) {
         return Ok(lookup_get(conn, table, &Key::from_values(values))?
             .into_iter()
             .collect());
@@ -664,20 +600,10 @@ fn lookup_find(
          WHERE i.tbl = ?1 AND i.cols = ?2 AND i.val = ?3",
     )?;
     let mut out = Vec::new();
-    let mut q = st.query(params![
-        table,
-        cols_key(columns),
-        Key::from_values(values).as_str()
-    ])?;
+    let mut q = st.query(params![table, cols_key(columns), Key::from_values(values).as_str()])?;
     while let Some(r) = q.next()? {
         let key = Key::from_canonical(r.get(0)?);
-        out.push(decode_row(
-            table,
-            key,
-            &r.get::<_, String>(1)?,
-            r.get(2)?,
-            r.get(3)?,
-        )?);
+        out.push(decode_row(table, key, &r.get::<_, String>(1)?, r.get(2)?, r.get(3)?)?);
     }
     Ok(out)
 }
@@ -686,12 +612,7 @@ impl RowLookup for Store {
     fn get(&self, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError> {
         lookup_get(&self.conn, table, key)
     }
-    fn find(
-        &self,
-        table: &str,
-        columns: &[String],
-        values: &[Value],
-    ) -> Result<Vec<StoredRow>, LookupError> {
+    fn find(&self, table: &str, columns: &[String], values: &[Value]) -> Result<Vec<StoredRow>, LookupError> {
         lookup_find(&self.conn, &self.catalog, table, columns, values)
     }
 }
@@ -700,12 +621,7 @@ impl RowLookup for StoreTx<'_> {
     fn get(&self, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError> {
         lookup_get(&self.tx, table, key)
     }
-    fn find(
-        &self,
-        table: &str,
-        columns: &[String],
-        values: &[Value],
-    ) -> Result<Vec<StoredRow>, LookupError> {
+    fn find(&self, table: &str, columns: &[String], values: &[Value]) -> Result<Vec<StoredRow>, LookupError> {
         lookup_find(&self.tx, self.catalog, table, columns, values)
     }
 }

@@ -30,18 +30,13 @@ fn catalog() -> Catalog {
     );
     c.needed_columns.insert(
         "products".into(),
-        ["id", "name", "status", "description"]
-            .map(String::from)
-            .into(),
+        ["id", "name", "status", "description"].map(String::from).into(),
     );
     c.needed_columns.insert(
         "items".into(),
-        ["order_id", "line_no", "product_id"]
-            .map(String::from)
-            .into(),
+        ["order_id", "line_no", "product_id"].map(String::from).into(),
     );
-    c.indexes
-        .insert(("items".into(), vec!["product_id".into()]));
+    c.indexes.insert(("items".into(), vec!["product_id".into()]));
     c
 }
 
@@ -63,9 +58,7 @@ fn v(x: Value) -> Cell {
 }
 
 fn get(store: &Store, table: &str, key: Value) -> Option<StoredRow> {
-    store
-        .get(table, &Key::from_values(key.as_array().unwrap()))
-        .unwrap()
+    store.get(table, &Key::from_values(key.as_array().unwrap())).unwrap()
 }
 
 fn apply(store: &mut Store, c: &Change) -> Applied {
@@ -112,10 +105,7 @@ fn upsert_keeps_needed_columns_and_older_positions_are_noops() {
         9,
     );
     let a = apply(&mut s, &old);
-    assert_eq!(
-        get(&s, "products", json!([1])).unwrap().image["name"],
-        json!("A")
-    );
+    assert_eq!(get(&s, "products", json!([1])).unwrap().image["name"], json!("A"));
     assert_eq!(a.images.len(), 1);
     assert_eq!(a.images[0]["name"], json!("A"));
 }
@@ -181,11 +171,7 @@ fn decommission_delete_and_revival() {
         upsert(
             "products",
             json!([1]),
-            vec![
-                ("id", v(json!(1))),
-                ("name", v(json!("A"))),
-                ("status", v(json!(st))),
-            ],
+            vec![("id", v(json!(1))), ("name", v(json!("A"))), ("status", v(json!(st)))],
             pos,
         )
     };
@@ -195,19 +181,12 @@ fn decommission_delete_and_revival() {
     assert_eq!((t.kind, t.at_ms), (TombstoneKind::Decommissioned, 2000));
     apply(&mut s, &row("decommissioned", 3));
     assert_eq!(
-        get(&s, "products", json!([1]))
-            .unwrap()
-            .tombstone
-            .unwrap()
-            .at_ms,
+        get(&s, "products", json!([1])).unwrap().tombstone.unwrap().at_ms,
         2000,
         "first time kept"
     );
     apply(&mut s, &row("active", 4));
-    assert!(
-        get(&s, "products", json!([1])).unwrap().tombstone.is_none(),
-        "revived"
-    );
+    assert!(get(&s, "products", json!([1])).unwrap().tombstone.is_none(), "revived");
     let mut del = row("active", 5);
     del.op = Op::Delete;
     apply(&mut s, &del);
@@ -247,29 +226,16 @@ fn truncate_tombstones_every_row_and_key_change_moves() {
     let a = apply(&mut s, &moved);
     assert_eq!(a.images.len(), 2);
     assert_eq!(
-        get(&s, "products", json!([3]))
-            .unwrap()
-            .tombstone
-            .unwrap()
-            .kind,
+        get(&s, "products", json!([3])).unwrap().tombstone.unwrap().kind,
         TombstoneKind::Deleted
     );
-    assert!(get(&s, "products", json!([30]))
-        .unwrap()
-        .tombstone
-        .is_none());
+    assert!(get(&s, "products", json!([30])).unwrap().tombstone.is_none());
     let mut t = upsert("products", json!([]), vec![], 5);
     t.op = Op::Truncate;
     let a = apply(&mut s, &t);
     assert_eq!(a.images.len(), 4);
     for id in [1, 2, 3, 30] {
-        assert!(
-            get(&s, "products", json!([id]))
-                .unwrap()
-                .tombstone
-                .is_some(),
-            "{id}"
-        );
+        assert!(get(&s, "products", json!([id])).unwrap().tombstone.is_some(), "{id}");
     }
 }
 
@@ -340,9 +306,6 @@ fn checkpoints_only_move_forward_and_survive_reopen() {
             .unwrap();
     }
     let s = Store::open_read_only(dir.path(), catalog()).unwrap();
-    assert_eq!(
-        s.checkpoint("catalog").unwrap(),
-        Some(Position::new(100, 0))
-    );
+    assert_eq!(s.checkpoint("catalog").unwrap(), Some(Position::new(100, 0)));
     assert_eq!(s.checkpoint("nope").unwrap(), None);
 }

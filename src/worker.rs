@@ -18,9 +18,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use viewkeeper_connectors::elasticsearch::{SearchSettings, SearchSink};
 use viewkeeper_connectors::postgres::decode::TableBinding;
 use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
 use viewkeeper_connectors::redis::RedisSink;
+use viewkeeper_connectors::sink::SinkError;
 use viewkeeper_projections::model::Position;
 use viewkeeper_projections::render::Projection;
 
@@ -59,6 +61,7 @@ async fn connect_sinks(
                 SinkConfig::Redis(r) => RedisSink::connect(name, r.url.expose(), r.pipeline)
                     .await
                     .map(Sink::Redis),
+                SinkConfig::Elasticsearch(e) => connect_search(cfg, name, e).await.map(Sink::Search),
             };
             match r {
                 Ok(s) => break s,
@@ -77,11 +80,35 @@ async fn connect_sinks(
     Ok(Some(sinks))
 }
 
+/// Builds the search client and makes sure every projection's index and alias exist.
+async fn connect_search(cfg: &Config, name: &str, e: &crate::config::SearchSink) -> Result<SearchSink, SinkError> {
+    let sink = SearchSink::new(
+        name,
+        &SearchSettings {
+            url: e.url.expose().to_string(),
+            max_bulk_bytes: e.max_bulk_bytes,
+            retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
+            retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+            item_retries: e.item_retries,
+            request_timeout: Duration::from_millis(e.request_timeout_ms),
+        },
+    )?;
+    for (pname, p) in &cfg.projections {
+        if p.sink == name {
+            if let Some(ix) = &p.index {
+                let index = sink.ensure_index(ix).await?;
+                info!(projection = %pname, alias = %ix.alias, %index, "search index ready");
+            }
+        }
+    }
+    Ok(sink)
+}
+
 /// Runs the worker until `shutdown` fires or a fatal error occurs.
 pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (projections, catalog) = compile(&cfg)?;
-    let store = Store::open(data_dir, catalog)
-        .with_context(|| format!("opening the state store in {}", data_dir.display()))?;
+    let store =
+        Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
     info!(data_dir = %data_dir.display(), projections = projections.len(), "state store open");
     let Some(sinks) = connect_sinks(&cfg, &shutdown).await? else {
         return Ok(());

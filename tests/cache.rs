@@ -31,14 +31,12 @@ async fn product_lifecycle_follows_postgres() {
     }
     let mut r = shop.redis().await;
     // Deleted row 3: kept with its last image, flagged, out of the active set.
-    let h: std::collections::BTreeMap<String, String> =
-        r.hgetall(shop.key("ordering:product:3")).await.unwrap();
+    let h: std::collections::BTreeMap<String, String> = r.hgetall(shop.key("ordering:product:3")).await.unwrap();
     assert_eq!(h["status"], "decommissioned");
     assert_eq!(h["name"], "Draft thing");
     assert!(h.contains_key("decommissioned_at"));
     // Re-inserted row 1 is active again, with no leftover tombstone field.
-    let h: std::collections::BTreeMap<String, String> =
-        r.hgetall(shop.key("storefront:product:1")).await.unwrap();
+    let h: std::collections::BTreeMap<String, String> = r.hgetall(shop.key("storefront:product:1")).await.unwrap();
     assert_eq!(h["name"], "Widget reborn");
     assert!(!h.contains_key("decommissioned_at"));
 }
@@ -48,22 +46,18 @@ async fn truncate_turns_every_row_into_a_tombstone() {
     let shop = Shop::new("truncate").await;
     let _w = shop.worker(&shop.config("")).await;
     let pg = shop.pg("catalog").await;
-    pg.batch_execute("INSERT INTO products(id, sku, name, price) SELECT g, 'S' || g, 'P' || g, g FROM generate_series(1, 50) g")
-        .await
-        .unwrap();
+    pg.batch_execute(
+        "INSERT INTO products(id, sku, name, price) SELECT g, 'S' || g, 'P' || g, g FROM generate_series(1, 50) g",
+    )
+    .await
+    .unwrap();
     converge(&shop, T).await;
     pg.batch_execute("TRUNCATE products").await.unwrap();
     converge(&shop, T).await;
     let mut r = shop.redis().await;
-    let n: usize = r
-        .scard(shop.key("storefront:products:active"))
-        .await
-        .unwrap();
+    let n: usize = r.scard(shop.key("storefront:products:active")).await.unwrap();
     assert_eq!(n, 0);
-    let status: String = r
-        .hget(shop.key("ordering:product:50"), "status")
-        .await
-        .unwrap();
+    let status: String = r.hget(shop.key("ordering:product:50"), "status").await.unwrap();
     assert_eq!(status, "decommissioned");
     // A truncated table can come back.
     pg.batch_execute("INSERT INTO products(id, sku, name, price) VALUES (7, 'S7', 'back', 1)")
@@ -122,10 +116,7 @@ fields = ["description", "price"]
     })
     .await;
     assert_eq!(p, "6.25");
-    assert_eq!(
-        d, desc,
-        "the unchanged TOAST value is merged from the stored image"
-    );
+    assert_eq!(d, desc, "the unchanged TOAST value is merged from the stored image");
     let _: () = r.del(&key).await.unwrap();
     assert!(shop.dead_letters().is_empty(), "{:?}", shop.dead_letters());
 }
@@ -145,10 +136,7 @@ async fn five_thousand_row_transaction_with_unicode_and_quotes() {
     .unwrap();
     converge(&shop, Duration::from_secs(90)).await;
     let mut r = shop.redis().await;
-    let name: String = r
-        .hget(shop.key("ordering:product:42"), "name")
-        .await
-        .unwrap();
+    let name: String = r.hget(shop.key("ordering:product:42"), "name").await.unwrap();
     assert_eq!(name, "Ünïcødé \"quoted\" 'single' \\ back ✓ 🚀 #42");
 }
 
@@ -158,9 +146,11 @@ async fn sigkill_mid_stream_converges_after_restart() {
     let cfg = shop.config("");
     let mut w = shop.worker(&cfg).await;
     let pg = shop.pg("catalog").await;
-    pg.batch_execute("INSERT INTO products(id, sku, name, price) SELECT g, 'K' || g, 'p' || g, 1 FROM generate_series(1, 200) g")
-        .await
-        .unwrap();
+    pg.batch_execute(
+        "INSERT INTO products(id, sku, name, price) SELECT g, 'K' || g, 'p' || g, 1 FROM generate_series(1, 200) g",
+    )
+    .await
+    .unwrap();
     // A stream of 4,000 updates in 100 transactions, with kills in the middle.
     let writer = {
         let pg = shop.pg("catalog").await;
@@ -188,9 +178,7 @@ async fn sigkill_mid_stream_converges_after_restart() {
         w = shop.worker(&cfg).await;
     }
     writer.await.unwrap();
-    pg.batch_execute("DELETE FROM products WHERE id % 7 = 0")
-        .await
-        .unwrap();
+    pg.batch_execute("DELETE FROM products WHERE id % 7 = 0").await.unwrap();
     converge(&shop, Duration::from_secs(90)).await;
 }
 
@@ -227,10 +215,7 @@ fields = ["name"]
     .await;
     assert_eq!(letters[0].0, "products");
     assert_eq!(letters[0].1, "[1]");
-    assert!(
-        letters[0].2.contains("key column 'description' is null"),
-        "{letters:?}"
-    );
+    assert!(letters[0].2.contains("key column 'description' is null"), "{letters:?}");
     assert!(w.log_text().contains("cannot render"), "logged too");
 }
 
@@ -290,9 +275,5 @@ fn bad_config_names_the_key_path_and_fails() {
         .arg(format!("{REPO}/config/shop.toml"))
         .output()
         .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }

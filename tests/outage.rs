@@ -35,34 +35,30 @@ async fn redis_outage_stalls_without_acking_then_recovers() {
     let shop = Shop::new("redisdown").await;
     let w = shop.worker(&shop.config("")).await;
     let pg = shop.pg("catalog").await;
-    pg.batch_execute(
-        "INSERT INTO products(id, sku, name, price) VALUES (1, 'a', 'before', 1), (2, 'b', 'b', 2)",
-    )
-    .await
-    .unwrap();
+    pg.batch_execute("INSERT INTO products(id, sku, name, price) VALUES (1, 'a', 'before', 1), (2, 'b', 'b', 2)")
+        .await
+        .unwrap();
     converge(&shop, Duration::from_secs(30)).await;
 
     let _restore = Restore("redis");
     services("down", "redis");
-    pg.batch_execute("UPDATE products SET name = 'during outage', price = 99 WHERE id = 1; DELETE FROM products WHERE id = 2")
-        .await
-        .unwrap();
-    let written = shop.current_lsn("catalog").await;
-    wait_until(
-        "worker reports failed sink writes",
-        Duration::from_secs(30),
-        || async { w.log_text().contains("sink write failed").then_some(()) },
+    pg.batch_execute(
+        "UPDATE products SET name = 'during outage', price = 99 WHERE id = 1; DELETE FROM products WHERE id = 2",
     )
+    .await
+    .unwrap();
+    let written = shop.current_lsn("catalog").await;
+    wait_until("worker reports failed sink writes", Duration::from_secs(30), || async {
+        w.log_text().contains("sink write failed").then_some(())
+    })
     .await;
     // Stalled: the slot has not been acknowledged past the changes Redis never got.
     assert!(shop.confirmed_flush("catalog").await.unwrap() < written);
 
     services("up", "redis");
     converge(&shop, Duration::from_secs(60)).await;
-    wait_until(
-        "slot acknowledged after recovery",
-        Duration::from_secs(30),
-        || async { (shop.confirmed_flush("catalog").await.unwrap() >= written).then_some(()) },
-    )
+    wait_until("slot acknowledged after recovery", Duration::from_secs(30), || async {
+        (shop.confirmed_flush("catalog").await.unwrap() >= written).then_some(())
+    })
     .await;
 }

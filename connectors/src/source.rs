@@ -38,15 +38,9 @@ pub struct SourceDeadLetter {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("source {source_name}: {message} (retrying)")]
-    Transient {
-        source_name: String,
-        message: String,
-    },
+    Transient { source_name: String, message: String },
     #[error("source {source_name}: {message}")]
-    Fatal {
-        source_name: String,
-        message: String,
-    },
+    Fatal { source_name: String, message: String },
 }
 
 impl SourceError {

@@ -17,14 +17,10 @@ impl MemRows {
     pub fn put(&mut self, table: &str, pk: &[&str], image: Row, tombstone: Option<Tombstone>) {
         let pk: Vec<String> = pk.iter().map(|s| s.to_string()).collect();
         let key = Key::of_row(&image, &pk).expect("row has its key columns");
-        self.tables.entry(table.to_string()).or_default().insert(
-            key.clone(),
-            StoredRow {
-                key,
-                image,
-                tombstone,
-            },
-        );
+        self.tables
+            .entry(table.to_string())
+            .or_default()
+            .insert(key.clone(), StoredRow { key, image, tombstone });
     }
 }
 
@@ -33,23 +29,13 @@ impl RowLookup for MemRows {
         Ok(self.tables.get(table).and_then(|t| t.get(key)).cloned())
     }
 
-    fn find(
-        &self,
-        table: &str,
-        columns: &[String],
-        values: &[Value],
-    ) -> Result<Vec<StoredRow>, LookupError> {
+    fn find(&self, table: &str, columns: &[String], values: &[Value]) -> Result<Vec<StoredRow>, LookupError> {
         Ok(self
             .tables
             .get(table)
             .map(|t| {
                 t.values()
-                    .filter(|r| {
-                        columns
-                            .iter()
-                            .zip(values)
-                            .all(|(c, v)| r.image.get(c) == Some(v))
-                    })
+                    .filter(|r| columns.iter().zip(values).all(|(c, v)| r.image.get(c) == Some(v)))
                     .cloned()
                     .collect()
             })

@@ -66,9 +66,7 @@ impl fmt::Display for Key {
 
 /// A source position: ordered lexicographically. pgoutput: (commit LSN, ordinal of
 /// the change in its transaction); Debezium: (`sequence[0]`, `source.lsn`).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Position {
     pub major: u64,
     pub minor: u64,

@@ -11,9 +11,7 @@
 //! * One-to-many children that are tombstones (deleted rows) are left out of lists.
 
 use crate::model::{format_ms, Key, Row, StoredRow, TombstoneKind};
-use crate::spec::{
-    parse_template, Cardinality, OnDelete, ProjectionSpec, RelationSpec, TableSpec, TemplatePart,
-};
+use crate::spec::{parse_template, Cardinality, OnDelete, ProjectionSpec, RelationSpec, TableSpec, TemplatePart};
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,12 +21,7 @@ pub trait RowLookup {
     /// The row of `table` with `key`, tombstones included.
     fn get(&self, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError>;
     /// Rows of `table` whose `columns` equal `values`, tombstones included.
-    fn find(
-        &self,
-        table: &str,
-        columns: &[String],
-        values: &[Value],
-    ) -> Result<Vec<StoredRow>, LookupError>;
+    fn find(&self, table: &str, columns: &[String], values: &[Value]) -> Result<Vec<StoredRow>, LookupError>;
 }
 
 pub type LookupError = Box<dyn std::error::Error + Send + Sync>;
@@ -77,11 +70,7 @@ pub struct Projection {
 
 impl Projection {
     /// Compiles a validated spec (see [`crate::spec::validate`]).
-    pub fn new(
-        name: &str,
-        spec: &ProjectionSpec,
-        tables: &BTreeMap<String, TableSpec>,
-    ) -> Result<Self, String> {
+    pub fn new(name: &str, spec: &ProjectionSpec, tables: &BTreeMap<String, TableSpec>) -> Result<Self, String> {
         let root = tables
             .get(&spec.root)
             .ok_or_else(|| format!("projections.{name}.root: unknown table '{}'", spec.root))?;
@@ -151,11 +140,7 @@ impl Projection {
         if let Some(c) = &self.spec.active_when {
             add(&self.spec.root, &mut std::iter::once(&c.column));
         }
-        fn rels(
-            parent: &str,
-            rs: &[RelationSpec],
-            add: &mut dyn FnMut(&str, &mut dyn Iterator<Item = &String>),
-        ) {
+        fn rels(parent: &str, rs: &[RelationSpec], add: &mut dyn FnMut(&str, &mut dyn Iterator<Item = &String>)) {
             for r in rs {
                 add(parent, &mut r.local.iter());
                 add(&r.table, &mut r.remote.iter());
@@ -215,8 +200,7 @@ impl Projection {
                 let mut next = Vec::new();
                 let mut seen = BTreeSet::new();
                 for r in &rows {
-                    let vals: Option<Vec<Value>> =
-                        n.remote.iter().map(|c| r.get(c).cloned()).collect();
+                    let vals: Option<Vec<Value>> = n.remote.iter().map(|c| r.get(c).cloned()).collect();
                     let Some(vals) = vals else { continue };
                     if vals.iter().any(Value::is_null) || !seen.insert(Key::from_values(&vals)) {
                         continue;
@@ -238,11 +222,7 @@ impl Projection {
 
     /// Renders the document of the root row `key`; `Ok(None)` when the state store
     /// has no such row (nothing to write).
-    pub fn render(
-        &self,
-        key: &Key,
-        lookup: &dyn RowLookup,
-    ) -> Result<Option<Rendered>, RenderError> {
+    pub fn render(&self, key: &Key, lookup: &dyn RowLookup) -> Result<Option<Rendered>, RenderError> {
         let Some(row) = lookup.get(&self.spec.root, key)? else {
             return Ok(None);
         };
@@ -330,8 +310,7 @@ impl Projection {
                 continue;
             }
             let found = if r.remote == table.primary_key {
-                let key =
-                    Key::from_values(vals_in_pk_order(&r.remote, &vals, &table.primary_key).iter());
+                let key = Key::from_values(vals_in_pk_order(&r.remote, &vals, &table.primary_key).iter());
                 lookup.get(&r.table, &key)?.into_iter().collect()
             } else {
                 lookup.find(&r.table, &r.remote, &vals)?
@@ -352,10 +331,7 @@ impl Projection {
                     body.insert(r.name.clone(), v);
                 }
                 Cardinality::Many => {
-                    let mut children: Vec<StoredRow> = found
-                        .into_iter()
-                        .filter(|c| c.tombstone.is_none())
-                        .collect();
+                    let mut children: Vec<StoredRow> = found.into_iter().filter(|c| c.tombstone.is_none()).collect();
                     let order: &[String] = if r.order_by.is_empty() {
                         &table.primary_key
                     } else {
@@ -412,12 +388,7 @@ fn vals_in_pk_order(cols: &[String], vals: &[Value], pk: &[String]) -> Vec<Value
 
 /// Copies `fields` of the row (renamed), applying the tombstone rule: a hard-deleted
 /// row of a table with a decommission rule shows the rule's first value.
-fn copy_fields(
-    table: &TableSpec,
-    row: &StoredRow,
-    fields: &[String],
-    rename: &BTreeMap<String, String>,
-) -> Row {
+fn copy_fields(table: &TableSpec, row: &StoredRow, fields: &[String], rename: &BTreeMap<String, String>) -> Row {
     let mut out = Row::new();
     for f in fields {
         let mut v = row.image.get(f).cloned().unwrap_or(Value::Null);

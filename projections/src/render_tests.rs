@@ -61,7 +61,12 @@ fn shop() -> MemRows {
         row(json!({"id": 7, "name": "Ada", "email": "ada@example.com"})),
         None,
     );
-    m.put("products", &["id"], row(json!({"id": 42, "sku": "W-X", "name": "Widget X", "status": "active", "price": "9.99"})), None);
+    m.put(
+        "products",
+        &["id"],
+        row(json!({"id": 42, "sku": "W-X", "name": "Widget X", "status": "active", "price": "9.99"})),
+        None,
+    );
     m.put(
         "products",
         &["id"],
@@ -70,7 +75,12 @@ fn shop() -> MemRows {
     );
     m.put("orders", &["id"], row(json!({"id": 1001, "customer_id": 7, "status": "paid", "total": "21.98", "created_at": "2026-01-02T03:04:05+00:00"})), None);
     for (line, pid) in [(2, 43), (1, 42), (10, 42)] {
-        m.put("order_items", &["order_id", "line_no"], row(json!({"order_id": 1001, "line_no": line, "product_id": pid, "qty": 1, "unit_price": "9.99"})), None);
+        m.put(
+            "order_items",
+            &["order_id", "line_no"],
+            row(json!({"order_id": 1001, "line_no": line, "product_id": pid, "qty": 1, "unit_price": "9.99"})),
+            None,
+        );
     }
     m
 }
@@ -81,10 +91,7 @@ fn key(v: Value) -> Key {
 
 #[test]
 fn renders_joined_order_with_sorted_items_and_count() {
-    let doc = orders_view()
-        .render(&key(json!([1001])), &shop())
-        .unwrap()
-        .unwrap();
+    let doc = orders_view().render(&key(json!([1001])), &shop()).unwrap().unwrap();
     assert_eq!(doc.id, "1001");
     let b = Value::Object(doc.body.unwrap());
     assert_eq!(b["order_id"], json!(1001));
@@ -93,12 +100,7 @@ fn renders_joined_order_with_sorted_items_and_count() {
         json!({"id": 7, "name": "Ada", "email": "ada@example.com"})
     );
     assert_eq!(b["item_count"], json!(3));
-    let lines: Vec<&Value> = b["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| &i["line_no"])
-        .collect();
+    let lines: Vec<&Value> = b["items"].as_array().unwrap().iter().map(|i| &i["line_no"]).collect();
     assert_eq!(
         lines,
         vec![&json!(1), &json!(2), &json!(10)],
@@ -157,10 +159,7 @@ fn missing_customer_and_product_render_unresolved() {
         .body
         .unwrap();
     assert_eq!(b["customer"], json!({"id": 99, "unresolved": true}));
-    assert_eq!(
-        b["items"][0]["product"],
-        json!({"id": 777, "unresolved": true})
-    );
+    assert_eq!(b["items"][0]["product"], json!({"id": 777, "unresolved": true}));
 }
 
 #[test]
@@ -204,8 +203,15 @@ fn cache_entry_of_hard_deleted_product_shows_decommissioned() {
         Value::Object(live.body.unwrap()),
         json!({"sku": "W-X", "name": "Widget X", "price": "9.99", "status": "active"})
     );
-    m.put("products", &["id"], row(json!({"id": 42, "sku": "W-X", "name": "Widget X", "status": "active", "price": "9.99"})),
-          Some(Tombstone { kind: TombstoneKind::Deleted, at_ms: 0 }));
+    m.put(
+        "products",
+        &["id"],
+        row(json!({"id": 42, "sku": "W-X", "name": "Widget X", "status": "active", "price": "9.99"})),
+        Some(Tombstone {
+            kind: TombstoneKind::Deleted,
+            at_ms: 0,
+        }),
+    );
     let gone = p.render(&key(json!([42])), &m).unwrap().unwrap();
     assert!(gone.tombstoned);
     assert_eq!(
@@ -230,10 +236,7 @@ fn fan_out_walks_from_product_and_customer_to_orders() {
     let p = orders_view();
     let product = row(json!({"id": 42}));
     let roots = p.affected_roots("products", &[&product], &m).unwrap();
-    assert_eq!(
-        roots.into_iter().collect::<Vec<_>>(),
-        vec![key(json!([1001]))]
-    );
+    assert_eq!(roots.into_iter().collect::<Vec<_>>(), vec![key(json!([1001]))]);
     let customer = row(json!({"id": 7}));
     let roots = p.affected_roots("customers", &[&customer], &m).unwrap();
     assert_eq!(roots.len(), 2);
@@ -254,10 +257,7 @@ fn needed_columns_and_join_indexes() {
     let need = p.needed_columns();
     assert!(need["order_items"].contains("product_id"));
     assert!(need["products"].contains("status"));
-    assert!(
-        !need["products"].contains("price"),
-        "orders_view never reads price"
-    );
+    assert!(!need["products"].contains("price"), "orders_view never reads price");
     let idx = p.join_indexes();
     assert!(idx.contains(&("order_items".to_string(), vec!["order_id".to_string()])));
     assert!(idx.contains(&("order_items".to_string(), vec!["product_id".to_string()])));

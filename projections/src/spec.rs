@@ -124,6 +124,37 @@ pub struct ProjectionSpec {
     /// Redis: expire tombstoned entries after this many seconds (default: keep).
     #[serde(default)]
     pub tombstone_ttl_s: Option<u64>,
+    /// Search sinks: the alias, index version, settings and mappings.
+    #[serde(default)]
+    pub index: Option<IndexSpec>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// `[projections.NAME.index]`: readers query `alias`; documents live in the versioned
+/// index `{alias}_v{version}` behind it, so a rebuild can fill `_v{version+1}` and swap.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSpec {
+    pub alias: String,
+    #[serde(default = "one")]
+    pub version: u32,
+    #[serde(default = "empty_object")]
+    pub settings: Value,
+    #[serde(default = "empty_object")]
+    pub mappings: Value,
+}
+
+impl IndexSpec {
+    pub fn index_name(&self) -> String {
+        format!("{}_v{}", self.alias, self.version)
+    }
 }
 
 /// A config problem, with the key path it concerns.
@@ -158,18 +189,12 @@ pub fn validate(
     for (name, t) in tables {
         let p = format!("tables.{name}");
         if t.primary_key.is_empty() {
-            err(
-                format!("{p}.primary_key"),
-                "must name at least one column".into(),
-            );
+            err(format!("{p}.primary_key"), "must name at least one column".into());
         }
         if t.name.split('.').count() != 2 || t.name.split('.').any(str::is_empty) {
             err(
                 format!("{p}.name"),
-                format!(
-                    "'{}' must be schema-qualified, e.g. \"public.{}\"",
-                    t.name, t.name
-                ),
+                format!("'{}' must be schema-qualified, e.g. \"public.{}\"", t.name, t.name),
             );
         }
         if let Some(d) = &t.decommissioned {
@@ -222,10 +247,7 @@ fn check_relations(
     for (i, r) in rels.iter().enumerate() {
         let p = format!("{path}.relations[{i}]");
         if !seen.insert(&r.name) {
-            err(
-                format!("{p}.name"),
-                format!("duplicate relation name '{}'", r.name),
-            );
+            err(format!("{p}.name"), format!("duplicate relation name '{}'", r.name));
         }
         if r.local.is_empty() || r.local.len() != r.remote.len() {
             err(
@@ -234,20 +256,13 @@ fn check_relations(
             );
         }
         if r.kind == Cardinality::One && (!r.order_by.is_empty() || r.count.is_some()) {
-            err(
-                format!("{p}.kind"),
-                "order_by and count need kind = \"many\"".into(),
-            );
+            err(format!("{p}.kind"), "order_by and count need kind = \"many\"".into());
         }
         let _ = parent;
         match tables.get(&r.table) {
             None => err(
                 format!("{p}.table"),
-                format!(
-                    "unknown table '{}' (declared: {})",
-                    r.table,
-                    known(tables.keys())
-                ),
+                format!("unknown table '{}' (declared: {})", r.table, known(tables.keys())),
             ),
             Some(t) => check_relations(&p, t, &r.relations, tables, err),
         }
@@ -269,9 +284,7 @@ pub fn parse_template(tpl: &str) -> Result<Vec<TemplatePart>, String> {
             parts.push(TemplatePart::Lit(rest[..open].to_string()));
         }
         let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| format!("'{tpl}': unclosed '{{'"))?;
+        let close = after.find('}').ok_or_else(|| format!("'{tpl}': unclosed '{{'"))?;
         let col = &after[..close];
         if col.is_empty() || col.contains('{') {
             return Err(format!("'{tpl}': empty or nested placeholder"));
@@ -339,18 +352,12 @@ mod tests {
                 active_set: None,
                 active_when: None,
                 tombstone_ttl_s: None,
+                index: None,
             },
         );
         let errs = validate(&tables, &projections);
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            vec!["tables.products.name", "projections.cache.root"]
-        );
-        assert!(
-            errs[1].message.contains("declared: products"),
-            "{}",
-            errs[1]
-        );
+        assert_eq!(paths, vec!["tables.products.name", "projections.cache.root"]);
+        assert!(errs[1].message.contains("declared: products"), "{}", errs[1]);
     }
 }

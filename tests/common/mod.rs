@@ -38,6 +38,7 @@ pub fn servers() -> &'static Servers {
         }
         let pg = pg.unwrap_or_else(|| "postgres://postgres@127.0.0.1:54329/postgres".into());
         let pg = pg.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
+        remove_stale_shops(&pg);
         Servers {
             pg,
             redis: redis.unwrap_or_else(|| "redis://127.0.0.1:63799".into()),
@@ -64,6 +65,57 @@ where
     }
 }
 
+/// Runs config/shop.sql for the shop `prefix`: (re)creates it, or with `drop_only`
+/// removes its slots and databases.
+fn shop_sql(prefix: &str, drop_only: bool) {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+    for svc in ["identity", "catalog", "ordering"] {
+        cmd.arg("-v").arg(format!("{svc}_db={prefix}_{svc}"));
+    }
+    if drop_only {
+        cmd.args(["-v", "drop_only=1"]);
+    }
+    let out = cmd
+        .arg("-d")
+        .arg(format!("{}/postgres", servers().pg))
+        .arg("-f")
+        .arg(format!("{REPO}/config/shop.sql"))
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "shop.sql for {prefix}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Removes shops left by test processes that no longer run (a crashed or killed run),
+/// so their slots do not pile up against max_replication_slots.
+fn remove_stale_shops(pg: &str) {
+    let out = Command::new("psql")
+        .args(["-X", "-At", "-d"])
+        .arg(format!("{pg}/postgres"))
+        .args([
+            "-c",
+            "SELECT datname FROM pg_database WHERE datname ~ '^t[0-9]+_[0-9]+_.*_catalog$'",
+        ])
+        .output()
+        .expect("psql");
+    for db in String::from_utf8_lossy(&out.stdout).lines() {
+        let pid = db[1..].split('_').next().unwrap_or("");
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            shop_sql(db.trim_end_matches("_catalog"), true);
+        }
+    }
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        shop_sql(&self.prefix, true);
+    }
+}
+
 /// A fresh copy of the demo shop: its own three databases (from config/shop.sql), its
 /// own slots and publications, its own Redis key prefix.
 pub struct Shop {
@@ -74,32 +126,8 @@ pub struct Shop {
 impl Shop {
     pub async fn new(test: &str) -> Shop {
         static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!(
-            "t{}_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst),
-            test
-        );
-        let s = servers();
-        let out = Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
-            .arg("-v")
-            .arg(format!("identity_db={prefix}_identity"))
-            .arg("-v")
-            .arg(format!("catalog_db={prefix}_catalog"))
-            .arg("-v")
-            .arg(format!("ordering_db={prefix}_ordering"))
-            .arg("-d")
-            .arg(format!("{}/postgres", s.pg))
-            .arg("-f")
-            .arg(format!("{REPO}/config/shop.sql"))
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "shop.sql: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let prefix = format!("t{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), test);
+        shop_sql(&prefix, false);
         Shop {
             prefix,
             data_dir: tempfile::tempdir().unwrap(),
@@ -120,17 +148,10 @@ impl Shop {
                     &format!("\"postgres://postgres@127.0.0.1:54329/{svc}\""),
                     &format!("\"{}\"", self.db_url(svc)),
                 )
-                .replace(
-                    &format!("\"viewkeeper_{svc}\""),
-                    &format!("\"{}_{svc}\"", self.prefix),
-                );
+                .replace(&format!("\"viewkeeper_{svc}\""), &format!("\"{}_{svc}\"", self.prefix));
         }
         text = text.replace("redis://127.0.0.1:63799", &servers().redis);
-        for k in [
-            "ordering:product:",
-            "storefront:product:",
-            "storefront:products:active",
-        ] {
+        for k in ["ordering:product:", "storefront:product:", "storefront:products:active"] {
             text = text.replace(&format!("\"{k}"), &format!("\"{}:{k}", self.prefix));
         }
         text.push_str(extra);
@@ -170,8 +191,7 @@ impl Shop {
             )
             .await
             .unwrap();
-        row.and_then(|r| r.get::<_, Option<i64>>(0))
-            .map(|v| v as u64)
+        row.and_then(|r| r.get::<_, Option<i64>>(0)).map(|v| v as u64)
     }
 
     pub async fn current_lsn(&self, service: &str) -> u64 {
@@ -185,10 +205,7 @@ impl Shop {
     /// Dead letters recorded in the worker's state store.
     pub fn dead_letters(&self) -> Vec<(String, String, String)> {
         let path = self.data_dir.path().join("data").join("state.db");
-        let Ok(c) = rusqlite::Connection::open_with_flags(
-            &path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        ) else {
+        let Ok(c) = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
             return vec![];
         };
         let mut st = c
@@ -206,14 +223,21 @@ impl Shop {
         let w = Worker::start(config, &self.data_dir.path().join("data"));
         let c = self.pg("catalog").await;
         let like = format!("{}\\_%", self.prefix.replace('_', "\\_"));
-        wait_until("worker streaming from its three slots", Duration::from_secs(30), || async {
-            let n: i64 = c
-                .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1 AND active", &[&like])
-                .await
-                .unwrap()
-                .get(0);
-            (n == 3).then_some(())
-        })
+        wait_until(
+            "worker streaming from its three slots",
+            Duration::from_secs(30),
+            || async {
+                let n: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1 AND active",
+                        &[&like],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (n == 3).then_some(())
+            },
+        )
         .await;
         w
     }
@@ -303,12 +327,7 @@ pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
         for (prefix, fields) in [
             (
                 "ordering:product:",
-                vec![
-                    ("sku", &sku),
-                    ("name", &name),
-                    ("price", &price),
-                    ("status", &status),
-                ],
+                vec![("sku", &sku), ("name", &name), ("price", &price), ("status", &status)],
             ),
             (
                 "storefront:product:",
@@ -316,21 +335,15 @@ pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
             ),
         ] {
             let key = shop.key(&format!("{prefix}{id}"));
-            let mut h: BTreeMap<String, String> =
-                r.hgetall(&key).await.map_err(|e| e.to_string())?;
+            let mut h: BTreeMap<String, String> = r.hgetall(&key).await.map_err(|e| e.to_string())?;
             if h.remove("_version").is_none() {
                 return Err(format!("{key}: missing or without _version: {h:?}"));
             }
             let at = h.remove("decommissioned_at");
             if at.is_some() != (status == "decommissioned") {
-                return Err(format!(
-                    "{key}: decommissioned_at {at:?} with status {status}"
-                ));
+                return Err(format!("{key}: decommissioned_at {at:?} with status {status}"));
             }
-            let want: BTreeMap<String, String> = fields
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
+            let want: BTreeMap<String, String> = fields.into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
             if h != want {
                 return Err(format!("{key}: have {h:?}, want {want:?}"));
             }
@@ -344,12 +357,11 @@ pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
             continue;
         }
         let status: Option<String> = r.hget(&k, "status").await.map_err(|e| e.to_string())?;
-        let at: Option<String> = r
-            .hget(&k, "decommissioned_at")
-            .await
-            .map_err(|e| e.to_string())?;
+        let at: Option<String> = r.hget(&k, "decommissioned_at").await.map_err(|e| e.to_string())?;
         if status.as_deref() != Some("decommissioned") || at.is_none() {
-            return Err(format!("{k}: row deleted in Postgres but cache has status {status:?}, decommissioned_at {at:?}"));
+            return Err(format!(
+                "{k}: row deleted in Postgres but cache has status {status:?}, decommissioned_at {at:?}"
+            ));
         }
     }
     let members: BTreeSet<String> = r

@@ -71,20 +71,9 @@ impl TxDecoder {
                 let p = pos();
                 self.row_change(relation_id, None, Some(&new), p, commit_time_ms, &mut out);
             }
-            PgOutputMessage::Update {
-                relation_id,
-                old,
-                new,
-            } => {
+            PgOutputMessage::Update { relation_id, old, new } => {
                 let p = pos();
-                self.row_change(
-                    relation_id,
-                    old.as_ref(),
-                    Some(&new),
-                    p,
-                    commit_time_ms,
-                    &mut out,
-                );
+                self.row_change(relation_id, old.as_ref(), Some(&new), p, commit_time_ms, &mut out);
             }
             PgOutputMessage::Delete { relation_id, old } => {
                 let p = pos();
@@ -160,14 +149,7 @@ impl TxDecoder {
                 }
             }
         }
-        self.relations.insert(
-            body.id,
-            Relation {
-                binding,
-                body,
-                pk_idx,
-            },
-        );
+        self.relations.insert(body.id, Relation { binding, body, pk_idx });
     }
 
     fn row_change(
@@ -216,8 +198,7 @@ impl TxDecoder {
                 let col = &rel.body.columns[i];
                 match t.0.get(i) {
                     Some(TupleValue::Text(b)) => {
-                        let s = std::str::from_utf8(b)
-                            .map_err(|e| format!("key column {}: {e}", col.name))?;
+                        let s = std::str::from_utf8(b).map_err(|e| format!("key column {}: {e}", col.name))?;
                         vals.push(
                             values::text_to_json(col.type_oid, s)
                                 .map_err(|e| format!("key column {}: {e}", col.name))?,
@@ -236,12 +217,8 @@ impl TxDecoder {
         };
         let old_key = match old.map(|o| key_of(o.tuple())) {
             Some(Err(e)) => {
-                out.dead_letters.push(dead(
-                    qualified,
-                    String::new(),
-                    format!("old row: {e}"),
-                    payload(),
-                ));
+                out.dead_letters
+                    .push(dead(qualified, String::new(), format!("old row: {e}"), payload()));
                 return;
             }
             Some(Ok(k)) => Some(k),
@@ -264,8 +241,7 @@ impl TxDecoder {
         let key = match key_of(new) {
             Ok(k) => k,
             Err(e) => {
-                out.dead_letters
-                    .push(dead(qualified, String::new(), e, payload()));
+                out.dead_letters.push(dead(qualified, String::new(), e, payload()));
                 return;
             }
         };
@@ -412,22 +388,12 @@ mod tests {
     #[test]
     fn insert_update_delete_become_changes_with_positions() {
         let mut d = decoder();
-        assert_eq!(
-            d.warnings.len(),
-            1,
-            "unknown type oid warned: {:?}",
-            d.warnings
-        );
+        assert_eq!(d.warnings.len(), 1, "unknown type oid warned: {:?}", d.warnings);
         let mut ord = 0;
         let ins = d.on_message(
             PgOutputMessage::Insert {
                 relation_id: 7,
-                new: TupleData(vec![
-                    text("42"),
-                    text("12.50"),
-                    TupleValue::Null,
-                    text("happy"),
-                ]),
+                new: TupleData(vec![text("42"), text("12.50"), TupleValue::Null, text("happy")]),
             },
             100,
             5,
@@ -438,9 +404,7 @@ mod tests {
             (c.table.as_str(), c.key.as_str(), c.position),
             ("products", "[42]", Position::new(100, 1))
         );
-        let Op::Upsert { cells } = &c.op else {
-            panic!()
-        };
+        let Op::Upsert { cells } = &c.op else { panic!() };
         assert_eq!(cells[1], ("price".into(), Cell::Value(json!("12.50"))));
         assert_eq!(cells[3], ("mood".into(), Cell::Value(json!("happy"))));
         let upd = d.on_message(
@@ -470,9 +434,7 @@ mod tests {
             "key change carries the old key"
         );
         assert_eq!(c.position, Position::new(100, 2));
-        let Op::Upsert { cells } = &c.op else {
-            panic!()
-        };
+        let Op::Upsert { cells } = &c.op else { panic!() };
         assert_eq!(cells[2].1, Cell::Unchanged);
         let del = d.on_message(
             PgOutputMessage::Delete {
@@ -499,12 +461,7 @@ mod tests {
         let bad = d.on_message(
             PgOutputMessage::Insert {
                 relation_id: 7,
-                new: TupleData(vec![
-                    text("1"),
-                    text("twelve"),
-                    TupleValue::Null,
-                    TupleValue::Null,
-                ]),
+                new: TupleData(vec![text("1"), text("twelve"), TupleValue::Null, TupleValue::Null]),
             },
             1,
             0,
@@ -512,10 +469,7 @@ mod tests {
         );
         assert!(bad.changes.is_empty());
         let dl = &bad.dead_letters[0];
-        assert_eq!(
-            (dl.table.as_str(), dl.key.as_str()),
-            ("public.products", "[1]")
-        );
+        assert_eq!((dl.table.as_str(), dl.key.as_str()), ("public.products", "[1]"));
         assert!(
             dl.reason.contains("column price") && dl.reason.contains("twelve"),
             "{}",
@@ -541,11 +495,7 @@ mod tests {
             0,
             &mut ord,
         );
-        assert!(
-            nokey.dead_letters[0].reason.contains("key column id"),
-            "{:?}",
-            nokey
-        );
+        assert!(nokey.dead_letters[0].reason.contains("key column id"), "{:?}", nokey);
     }
 
     #[test]

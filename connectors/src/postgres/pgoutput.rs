@@ -47,11 +47,7 @@ pub enum PgOutputMessage {
     /// and again whenever its definition changes.
     Relation(RelationBody),
     /// 'Y': describes a non-built-in data type.
-    Type {
-        oid: u32,
-        namespace: String,
-        name: String,
-    },
+    Type { oid: u32, namespace: String, name: String },
     /// 'I': a new row.
     Insert { relation_id: u32, new: TupleData },
     /// 'U': a changed row. `old` is present when the key changed ('K') or the
@@ -361,10 +357,7 @@ pub fn decode(data: &[u8]) -> Result<PgOutputMessage, DecodeError> {
             for _ in 0..count {
                 relation_ids.push(r.u32("relation id")?);
             }
-            PgOutputMessage::Truncate {
-                options,
-                relation_ids,
-            }
+            PgOutputMessage::Truncate { options, relation_ids }
         }
         _ => {
             // b'M' (message_name accepted the tag).
@@ -497,27 +490,17 @@ impl<'a> Reader<'a> {
     /// An Int16 (or, if `wide`, Int32) count of elements needing at least `min_each`
     /// bytes each, checked to be non-negative and to fit in what is left, so that a
     /// hostile count never drives an allocation.
-    fn count(
-        &mut self,
-        field: &'static str,
-        wide: bool,
-        min_each: usize,
-    ) -> Result<usize, DecodeError> {
+    fn count(&mut self, field: &'static str, wide: bool, min_each: usize) -> Result<usize, DecodeError> {
         let at = self.pos;
         let raw = if wide {
             self.i32(field)?
         } else {
             self.i16(field)?.into()
         };
-        let count =
-            usize::try_from(raw).map_err(|_| self.err(at, field, K::Negative(raw.into())))?;
+        let count = usize::try_from(raw).map_err(|_| self.err(at, field, K::Negative(raw.into())))?;
         let (min_bytes, left) = (count.saturating_mul(min_each), self.left());
         if min_bytes > left {
-            let kind = K::CountExceedsInput {
-                count,
-                min_bytes,
-                left,
-            };
+            let kind = K::CountExceedsInput { count, min_bytes, left };
             return Err(self.err(at, field, kind));
         }
         Ok(count)
@@ -546,8 +529,7 @@ impl<'a> Reader<'a> {
             return Err(self.err(self.pos, field, kind));
         };
         let bytes = rest.get(..nul).unwrap_or_default();
-        let s = std::str::from_utf8(bytes)
-            .map_err(|e| self.err(self.pos + e.valid_up_to(), field, K::InvalidUtf8))?;
+        let s = std::str::from_utf8(bytes).map_err(|e| self.err(self.pos + e.valid_up_to(), field, K::InvalidUtf8))?;
         self.pos += nul + 1;
         Ok(s.to_owned())
     }
@@ -735,10 +717,7 @@ mod tests {
         for (bytes, kind, offset, text) in malformed() {
             let err = decode(&bytes).expect_err(text);
             assert_eq!((&err.kind, err.offset), (&kind, offset), "{err}");
-            assert!(
-                err.to_string().contains(text),
-                "{err:?} / {err} lacks {text:?}"
-            );
+            assert!(err.to_string().contains(text), "{err:?} / {err} lacks {text:?}");
         }
     }
 
@@ -747,10 +726,7 @@ mod tests {
         for (label, full, _) in valid() {
             for cut in 0..full.len() {
                 let err = decode(&full[..cut]).expect_err(label);
-                assert!(
-                    err.offset <= cut,
-                    "{label} cut at {cut}: offset past the end: {err}"
-                );
+                assert!(err.offset <= cut, "{label} cut at {cut}: offset past the end: {err}");
             }
             let mut longer = full.clone();
             longer.push(0);
@@ -781,9 +757,7 @@ mod tests {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            let mut buf: Vec<u8> = (0..s % 48)
-                .map(|k| (s.rotate_left(k as u32 * 5) >> 3) as u8)
-                .collect();
+            let mut buf: Vec<u8> = (0..s % 48).map(|k| (s.rotate_left(k as u32 * 5) >> 3) as u8).collect();
             if let Some(first) = buf.first_mut() {
                 *first = tags[(s >> 40) as usize % tags.len()];
             }

@@ -118,17 +118,9 @@ impl PgSource {
         r
     }
 
-    async fn prepare_on(
-        &self,
-        c: &tokio_postgres::Client,
-        has_checkpoint: bool,
-    ) -> Result<(), SourceError> {
+    async fn prepare_on(&self, c: &tokio_postgres::Client, has_checkpoint: bool) -> Result<(), SourceError> {
         let sql = |e: tokio_postgres::Error| self.transient(format!("query failed: {e}"));
-        let wal: String = c
-            .query_one("SHOW wal_level", &[])
-            .await
-            .map_err(sql)?
-            .get(0);
+        let wal: String = c.query_one("SHOW wal_level", &[]).await.map_err(sql)?.get(0);
         if wal != "logical" {
             return Err(self.fatal(format!(
                 "wal_level is '{wal}'; logical replication needs wal_level = logical (set it in postgresql.conf and restart Postgres)"
@@ -168,11 +160,7 @@ impl PgSource {
             .await
             .map_err(sql)?
             .is_some();
-        let list = tables
-            .iter()
-            .map(|t| quote_table(t))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = tables.iter().map(|t| quote_table(t)).collect::<Vec<_>>().join(", ");
         if !exists {
             info!(source = %self.s.name, publication = %self.s.publication, tables = %list, "creating publication");
             c.batch_execute(&format!(
@@ -180,12 +168,7 @@ impl PgSource {
                 quote_ident(&self.s.publication)
             ))
             .await
-            .map_err(|e| {
-                self.fatal(format!(
-                    "cannot create publication {}: {e}",
-                    self.s.publication
-                ))
-            })?;
+            .map_err(|e| self.fatal(format!("cannot create publication {}: {e}", self.s.publication)))?;
         } else {
             let rows = c
                 .query(
@@ -208,12 +191,7 @@ impl PgSource {
                     missing.join(", ")
                 ))
                 .await
-                .map_err(|e| {
-                    self.fatal(format!(
-                        "cannot add tables to publication {}: {e}",
-                        self.s.publication
-                    ))
-                })?;
+                .map_err(|e| self.fatal(format!("cannot add tables to publication {}: {e}", self.s.publication)))?;
             }
         }
         let slot = c
@@ -257,11 +235,7 @@ impl PgSource {
     }
 
     fn replication_config(&self, from: Position) -> Result<ReplicationConfig, SourceError> {
-        let cfg: tokio_postgres::Config = self
-            .s
-            .url
-            .parse()
-            .map_err(|e| self.fatal(format!("bad url: {e}")))?;
+        let cfg: tokio_postgres::Config = self.s.url.parse().map_err(|e| self.fatal(format!("bad url: {e}")))?;
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -278,15 +252,22 @@ impl PgSource {
             tokio_postgres::config::SslMode::Require => TlsConfig::require(),
             _ => TlsConfig::disabled(),
         };
-        Ok(ReplicationConfig::new(host, user, password, db, self.s.slot.clone(), self.s.publication.clone())
-            .with_port(port)
-            .with_tls(tls)
-            .with_start_lsn(Lsn::from_u64(from.major))
-            .with_ack_lsn(Lsn::from_u64(from.major))
-            .with_status_interval(self.s.status_interval)
-            .with_wakeup_interval(Duration::from_secs(5))
-            .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601")
-            .with_application_name(format!("viewkeeper-{}", self.s.name)))
+        Ok(ReplicationConfig::new(
+            host,
+            user,
+            password,
+            db,
+            self.s.slot.clone(),
+            self.s.publication.clone(),
+        )
+        .with_port(port)
+        .with_tls(tls)
+        .with_start_lsn(Lsn::from_u64(from.major))
+        .with_ack_lsn(Lsn::from_u64(from.major))
+        .with_status_interval(self.s.status_interval)
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c extra_float_digits=3 -c intervalstyle=iso_8601")
+        .with_application_name(format!("viewkeeper-{}", self.s.name)))
     }
 
     async fn stream(
@@ -378,9 +359,7 @@ impl PgSource {
                         .map_or((wal_end.as_u64(), 0, 0), |(l, m, _, o)| (*l, *m, *o));
                     if !matches!(
                         msg,
-                        PgOutputMessage::Relation(_)
-                            | PgOutputMessage::Type { .. }
-                            | PgOutputMessage::Origin { .. }
+                        PgOutputMessage::Relation(_) | PgOutputMessage::Type { .. } | PgOutputMessage::Origin { .. }
                     ) && open.is_none()
                     {
                         return Err(self.transient("row change outside a transaction"));
@@ -424,9 +403,7 @@ impl PgSource {
                     }
                 }
                 ReplicationEvent::Message {
-                    prefix,
-                    transactional,
-                    ..
+                    prefix, transactional, ..
                 } => {
                     debug!(source = %self.s.name, %prefix, transactional, "logical message");
                 }

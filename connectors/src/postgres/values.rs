@@ -126,17 +126,11 @@ const ARRAYS: &[(u32, &str, u32)] = &[
 ];
 
 fn scalar(type_oid: u32) -> Option<(&'static str, Rule)> {
-    SCALARS
-        .iter()
-        .find(|(o, ..)| *o == type_oid)
-        .map(|&(_, n, r)| (n, r))
+    SCALARS.iter().find(|(o, ..)| *o == type_oid).map(|&(_, n, r)| (n, r))
 }
 
 fn array(type_oid: u32) -> Option<(&'static str, u32)> {
-    ARRAYS
-        .iter()
-        .find(|(o, ..)| *o == type_oid)
-        .map(|&(_, n, e)| (n, e))
+    ARRAYS.iter().find(|(o, ..)| *o == type_oid).map(|&(_, n, e)| (n, e))
 }
 
 /// The SQL name of a type this module has a rule for (`"int4"`, `"text[]"`, ...).
@@ -200,9 +194,7 @@ pub fn text_to_json(type_oid: u32, text: &str) -> Result<Value, ValueError> {
             element,
             count: 0,
         };
-        return parser
-            .parse()
-            .map_err(|r| ValueError::new(type_oid, name, text, r));
+        return parser.parse().map_err(|r| ValueError::new(type_oid, name, text, r));
     }
     Ok(Value::String(text.to_owned()))
 }
@@ -236,9 +228,7 @@ fn convert_scalar(rule: Rule, text: &str) -> Result<Value, String> {
             Value::String(text.to_owned())
         }
         Rule::Json => serde_json::from_str(text).map_err(|e| e.to_string())?,
-        Rule::Bytea => {
-            Value::String(base64::engine::general_purpose::STANDARD.encode(decode_bytea(text)?))
-        }
+        Rule::Bytea => Value::String(base64::engine::general_purpose::STANDARD.encode(decode_bytea(text)?)),
         Rule::Timestamp => Value::String(timestamp(text, false)?),
         Rule::TimestampTz => Value::String(timestamp(text, true)?),
     })
@@ -345,9 +335,7 @@ fn timestamp(text: &str, with_zone: bool) -> Result<String, String> {
         _ => return Err(bad()),
     };
     let clock_ok = clock.starts_with(|c: char| c.is_ascii_digit())
-        && clock
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b':' || b == b'.');
+        && clock.bytes().all(|b| b.is_ascii_digit() || b == b':' || b == b'.');
     if !date_ok || !clock_ok {
         return Err(bad());
     }
@@ -390,10 +378,7 @@ impl<'a> ArrayParser<'a> {
             let eq = self.b.iter().position(|&c| c == b'=');
             let eq = eq.ok_or("dimension decoration without '='")?;
             let deco = self.b.get(self.pos..eq).unwrap_or_default();
-            if !deco
-                .iter()
-                .all(|c| c.is_ascii_digit() || b"[]:-+".contains(c))
-            {
+            if !deco.iter().all(|c| c.is_ascii_digit() || b"[]:-+".contains(c)) {
                 return Err("invalid dimension decoration".into());
             }
             self.pos = eq + 1;
@@ -507,12 +492,7 @@ impl<'a> ArrayParser<'a> {
         loop {
             match self.peek() {
                 None | Some(b',' | b'}') => break,
-                Some(c @ (b'{' | b'"')) => {
-                    return Err(format!(
-                        "{:?} in unquoted element at {}",
-                        c as char, self.pos
-                    ))
-                }
+                Some(c @ (b'{' | b'"')) => return Err(format!("{:?} in unquoted element at {}", c as char, self.pos)),
                 Some(b'\\') => {
                     out.push(self.escaped()?);
                     escaped = true;
@@ -637,24 +617,16 @@ mod tests {
         assert!(text_to_json(20, "9223372036854775807").unwrap().is_i64());
         // jsonb key order is preserved.
         let v = text_to_json(3802, r#"{"z": 1, "a": 2}"#).unwrap();
-        assert_eq!(
-            v.as_object().unwrap().keys().collect::<Vec<_>>(),
-            ["z", "a"]
-        );
+        assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["z", "a"]);
     }
 
     #[test]
     fn rejects_invalid_text_of_known_types() {
         for &(oid, text) in INVALID {
             let e = text_to_json(oid, text).expect_err(text);
-            assert_eq!(
-                (e.type_oid, Some(e.type_name)),
-                (oid, type_name(oid)),
-                "{e}"
-            );
+            assert_eq!((e.type_oid, Some(e.type_name)), (oid, type_name(oid)), "{e}");
             assert!(
-                e.to_string()
-                    .starts_with(&format!("invalid {} value", e.type_name)),
+                e.to_string().starts_with(&format!("invalid {} value", e.type_name)),
                 "{e}"
             );
         }
@@ -663,25 +635,12 @@ mod tests {
     #[test]
     fn errors_name_type_text_and_element() {
         let e = text_to_json(23, "12x").unwrap_err();
-        assert_eq!(
-            (e.type_oid, e.type_name, e.text.as_str()),
-            (23, "int4", "12x")
-        );
-        assert!(
-            e.to_string().starts_with("invalid int4 value \"12x\": "),
-            "{e}"
-        );
+        assert_eq!((e.type_oid, e.type_name, e.text.as_str()), (23, "int4", "12x"));
+        assert!(e.to_string().starts_with("invalid int4 value \"12x\": "), "{e}");
         let e = text_to_json(1007, "{1,x}").unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("element 2: invalid int4 value \"x\""),
-            "{e}"
-        );
+        assert!(e.to_string().contains("element 2: invalid int4 value \"x\""), "{e}");
         let e = text_to_json(3807, r#"{"{bad"}"#).unwrap_err();
-        assert!(
-            e.reason.starts_with("element 1: invalid jsonb value"),
-            "{e}"
-        );
+        assert!(e.reason.starts_with("element 1: invalid jsonb value"), "{e}");
         // Long text is cut to 100 characters.
         let e = text_to_json(23, &"é".repeat(300)).unwrap_err();
         assert_eq!(e.text.chars().count(), ValueError::MAX_TEXT_CHARS + 1);
@@ -708,14 +667,9 @@ mod tests {
         let deep = format!("{}{}", "{".repeat(100_000), "}".repeat(100_000));
         assert!(text_to_json(1009, &deep).is_err());
         let alphabet = [
-            "{", "}", ",", "\"", "\\", "NULL", "1", "[", "]", "=", ":", " ", "x", "é", "\\x", "+",
-            "-",
+            "{", "}", ",", "\"", "\\", "NULL", "1", "[", "]", "=", ":", " ", "x", "é", "\\x", "+", "-",
         ];
-        let oids: Vec<u32> = SCALARS
-            .iter()
-            .map(|t| t.0)
-            .chain(ARRAYS.iter().map(|t| t.0))
-            .collect();
+        let oids: Vec<u32> = SCALARS.iter().map(|t| t.0).chain(ARRAYS.iter().map(|t| t.0)).collect();
         let mut s: u64 = 0x2545_F491_4F6C_DD1D;
         for _ in 0..5_000 {
             let mut text = String::new();

@@ -66,15 +66,9 @@ impl RedisSink {
             .set_connection_timeout(std::time::Duration::from_secs(5))
             .set_response_timeout(std::time::Duration::from_secs(30))
             .set_number_of_retries(1);
-        let mut conn = ConnectionManager::new_with_config(client, cfg)
-            .await
-            .map_err(err)?;
+        let mut conn = ConnectionManager::new_with_config(client, cfg).await.map_err(err)?;
         let script = Script::new(CAS_SCRIPT);
-        script
-            .prepare_invoke()
-            .load_async(&mut conn)
-            .await
-            .map_err(err)?;
+        script.prepare_invoke().load_async(&mut conn).await.map_err(err)?;
         Ok(RedisSink {
             name: name.to_string(),
             conn,
@@ -91,11 +85,7 @@ impl RedisSink {
     }
 
     /// Writes the documents of one projection.
-    pub async fn write(
-        &self,
-        proj: &ProjectionSpec,
-        docs: &[SinkDoc],
-    ) -> Result<Vec<Rejection>, SinkError> {
+    pub async fn write(&self, proj: &ProjectionSpec, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
         let mut rejections = Vec::new();
         for chunk in docs.chunks(self.pipeline) {
             let mut pipe = redis::pipe();
@@ -109,10 +99,7 @@ impl RedisSink {
                 };
                 let set_op = match (&proj.active_set, &proj.active_when) {
                     (Some(_), Some(cond)) => {
-                        let active = !d.tombstoned
-                            && body
-                                .get(&cond.column)
-                                .is_some_and(|v| cond.values.contains(v));
+                        let active = !d.tombstoned && body.get(&cond.column).is_some_and(|v| cond.values.contains(v));
                         if active {
                             "add"
                         } else {
@@ -157,9 +144,9 @@ impl RedisSink {
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| self.transient("loading the compare-and-set script", e))?;
-                    pipe.query_async(&mut conn).await.map_err(|e| {
-                        self.transient("pipeline failed after reloading the script", e)
-                    })?
+                    pipe.query_async(&mut conn)
+                        .await
+                        .map_err(|e| self.transient("pipeline failed after reloading the script", e))?
                 }
                 Err(e) => return Err(self.transient("pipeline failed", e)),
             };

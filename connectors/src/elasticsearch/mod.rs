@@ -1,0 +1,301 @@
+//! Elasticsearch / OpenSearch sink: bulk writes of whole documents through an alias.
+//!
+//! * Every action carries `version` and `version_type: external_gte` in its action
+//!   line (on the URL it is a 400 in OpenSearch), so an older version never overwrites
+//!   a newer one; a 409 answer is such a stale write and counts as success.
+//! * Per-item outcome decides: 2xx and 409 (and 404 for deletes) are done; 429 and 5xx
+//!   items are retried alone, with backoff and jitter; any other 4xx (mapping errors)
+//!   is a [`Rejection`] with the server's reason, dead-lettered by the engine.
+//! * Requests are cut at `max_bulk_bytes` and sent one at a time: that bounds the bytes
+//!   in flight.
+//! * Plain `application/json` headers, so the same code speaks to Elasticsearch 8 and
+//!   OpenSearch 2.
+//! * The index is created on start when the alias is missing: `{alias}_v{version}` with
+//!   the projection's settings and mappings, and the alias, in one request.
+
+use crate::sink::{Rejection, SinkDoc, SinkError};
+use backon::BackoffBuilder;
+use elasticsearch::http::headers::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::{Method, Url};
+use elasticsearch::Elasticsearch;
+use serde_json::{json, Value};
+use std::time::Duration;
+use viewkeeper_projections::spec::IndexSpec;
+
+pub struct SearchSink {
+    name: String,
+    client: Elasticsearch,
+    max_bulk_bytes: usize,
+    retry_min: Duration,
+    retry_max: Duration,
+    item_retries: usize,
+}
+
+/// Settings of a search sink.
+#[derive(Clone, Debug)]
+pub struct SearchSettings {
+    pub url: String,
+    pub max_bulk_bytes: usize,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Rounds of per-item retries inside one write before the engine's backoff takes over.
+    pub item_retries: usize,
+    pub request_timeout: Duration,
+}
+
+fn is_ok_status(status: u16, delete: bool) -> bool {
+    (200..300).contains(&status) || status == 409 || (delete && status == 404)
+}
+
+fn is_retryable(status: u16) -> bool {
+    status == 429 || status >= 500
+}
+
+/// The NDJSON of one document's bulk action.
+fn action_lines(index: &str, d: &SinkDoc, out: &mut Vec<u8>) {
+    let meta = json!({"_index": index, "_id": d.id, "version": d.version, "version_type": "external_gte"});
+    match &d.body {
+        Some(body) => {
+            serde_json::to_writer(&mut *out, &json!({ "index": meta })).expect("JSON");
+            out.push(b'\n');
+            serde_json::to_writer(&mut *out, body).expect("JSON");
+        }
+        None => serde_json::to_writer(&mut *out, &json!({ "delete": meta })).expect("JSON"),
+    }
+    out.push(b'\n');
+}
+
+impl SearchSink {
+    pub fn new(name: &str, s: &SearchSettings) -> Result<Self, SinkError> {
+        let err = |m: String| SinkError {
+            sink: name.to_string(),
+            message: m,
+        };
+        let url = Url::parse(&s.url).map_err(|e| err(format!("bad url: {e}")))?;
+        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+            .disable_proxy()
+            .timeout(s.request_timeout)
+            .build()
+            .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        Ok(SearchSink {
+            name: name.to_string(),
+            client: Elasticsearch::new(transport),
+            max_bulk_bytes: s.max_bulk_bytes.max(1024),
+            retry_min: s.retry_min,
+            retry_max: s.retry_max,
+            item_retries: s.item_retries,
+        })
+    }
+
+    fn fail(&self, m: impl std::fmt::Display) -> SinkError {
+        SinkError {
+            sink: self.name.clone(),
+            message: m.to_string(),
+        }
+    }
+
+    /// Sends a JSON request; returns status and parsed body (Null when empty).
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value), SinkError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let resp = self
+            .client
+            .send(method, path, headers, None::<&()>, body, None)
+            .await
+            .map_err(|e| self.fail(format!("{path}: {e}")))?;
+        let status = resp.status_code().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| self.fail(format!("{path}: reading the answer: {e}")))?;
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, v))
+    }
+
+    /// Creates `{alias}_v{version}` with the alias when the alias does not exist yet.
+    /// Returns the name of an index behind the alias.
+    pub async fn ensure_index(&self, spec: &IndexSpec) -> Result<String, SinkError> {
+        let (status, v) = self.call(Method::Get, &format!("/_alias/{}", spec.alias), None).await?;
+        if status == 200 {
+            if let Some(name) = v.as_object().and_then(|m| m.keys().next()) {
+                return Ok(name.clone());
+            }
+        }
+        if is_retryable(status) {
+            return Err(self.fail(format!("alias lookup answered {status}: {v}")));
+        }
+        let index = spec.index_name();
+        let body = json!({
+            "settings": spec.settings,
+            "mappings": spec.mappings,
+            "aliases": { &spec.alias: { "is_write_index": true } },
+        });
+        let (status, v) = self
+            .call(
+                Method::Put,
+                &format!("/{index}"),
+                Some(serde_json::to_vec(&body).expect("JSON")),
+            )
+            .await?;
+        match status {
+            200..=299 => Ok(index),
+            400 if v.to_string().contains("already_exists") => {
+                // The index exists without the alias (e.g. created by hand): attach it.
+                let body = json!({"actions": [{"add": {"index": index, "alias": spec.alias, "is_write_index": true}}]});
+                let (s2, v2) = self
+                    .call(
+                        Method::Post,
+                        "/_aliases",
+                        Some(serde_json::to_vec(&body).expect("JSON")),
+                    )
+                    .await?;
+                if (200..300).contains(&s2) {
+                    Ok(index)
+                } else {
+                    Err(self.fail(format!("cannot add alias {} to {index}: {s2} {v2}", spec.alias)))
+                }
+            }
+            _ => Err(self.fail(format!("cannot create index {index}: {status} {v}"))),
+        }
+    }
+
+    /// Writes documents into `index` (an alias or index name). See the module docs for
+    /// the per-item rules.
+    pub async fn write(&self, index: &str, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
+        let mut rejections = Vec::new();
+        let mut pending: Vec<&SinkDoc> = docs.iter().collect();
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(self.retry_min)
+            .with_max_delay(self.retry_max)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        for round in 0..=self.item_retries {
+            let mut retry = Vec::new();
+            let mut start = 0;
+            while start < pending.len() {
+                let mut body = Vec::new();
+                let mut end = start;
+                while end < pending.len() && (end == start || body.len() < self.max_bulk_bytes) {
+                    action_lines(index, pending[end], &mut body);
+                    end += 1;
+                }
+                let chunk = &pending[start..end];
+                start = end;
+                let (status, v) = self.call(Method::Post, "/_bulk", Some(body)).await?;
+                if !(200..300).contains(&status) {
+                    return Err(self.fail(format!(
+                        "bulk request answered {status}: {}",
+                        truncate(&v.to_string(), 300)
+                    )));
+                }
+                let items = v
+                    .get("items")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| self.fail("bulk answer without items"))?;
+                if items.len() != chunk.len() {
+                    return Err(self.fail(format!(
+                        "bulk answer has {} items for {} actions",
+                        items.len(),
+                        chunk.len()
+                    )));
+                }
+                for (d, item) in chunk.iter().zip(items) {
+                    let res = item
+                        .as_object()
+                        .and_then(|m| m.values().next())
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    let st = res.get("status").and_then(Value::as_u64).unwrap_or(0) as u16;
+                    if is_ok_status(st, d.body.is_none()) {
+                        continue;
+                    }
+                    if is_retryable(st) {
+                        retry.push(*d);
+                    } else {
+                        let reason = res
+                            .get("error")
+                            .map_or_else(|| format!("status {st}"), |e| format!("status {st}: {e}"));
+                        rejections.push(Rejection {
+                            id: d.id.clone(),
+                            reason,
+                        });
+                    }
+                }
+            }
+            if retry.is_empty() {
+                return Ok(rejections);
+            }
+            if round == self.item_retries {
+                return Err(self.fail(format!(
+                    "{} documents still refused with 429/5xx after {} rounds",
+                    retry.len(),
+                    round + 1
+                )));
+            }
+            let delay = backoff.next().unwrap_or(self.retry_max);
+            tracing::warn!(sink = %self.name, items = retry.len(), retry_in_ms = delay.as_millis() as u64, "bulk items refused with 429/5xx; retrying them");
+            tokio::time::sleep(delay).await;
+            pending = retry;
+        }
+        Ok(rejections)
+    }
+
+    /// Round-trip check for health reporting.
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        let (status, v) = self.call(Method::Get, "/", None).await?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(self.fail(format!("answered {status}: {v}")))
+        }
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use viewkeeper_projections::model::Row;
+
+    #[test]
+    fn action_lines_carry_external_versions() {
+        let mut body = Row::new();
+        body.insert("a".into(), json!(1));
+        let d = SinkDoc {
+            id: "7".into(),
+            member: "7".into(),
+            body: Some(body),
+            version: 1882522659926835200,
+            tombstoned: false,
+        };
+        let mut out = Vec::new();
+        action_lines("orders_view", &d, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "{\"index\":{\"_index\":\"orders_view\",\"_id\":\"7\",\"version\":1882522659926835200,\"version_type\":\"external_gte\"}}\n{\"a\":1}\n"
+        );
+        let mut out = Vec::new();
+        action_lines("x", &SinkDoc { body: None, ..d }, &mut out);
+        assert!(String::from_utf8(out).unwrap().starts_with("{\"delete\":"));
+    }
+
+    #[test]
+    fn item_status_rules() {
+        assert!(is_ok_status(201, false) && is_ok_status(409, false) && is_ok_status(404, true));
+        assert!(!is_ok_status(404, false) && !is_ok_status(400, false));
+        assert!(is_retryable(429) && is_retryable(503) && !is_retryable(400));
+    }
+}
