@@ -53,7 +53,8 @@ echo $! >"$STATE/worker.pid"
 # The worker creates its slots on start; changes made before that are not streamed
 # (onboarding existing rows is `viewkeeper backfill`), so wait for the slots.
 for _ in $(seq 100); do
-  n=$(psql -X -Atq -d "$PG/postgres" -c "select count(*) from pg_replication_slots where slot_name like 'viewkeeper\_%' and active")
+  n=$(psql -X -Atq -d "$PG/postgres" -c "select count(*) from pg_replication_slots s join pg_stat_replication r on r.pid = s.active_pid
+                                           where s.slot_name like 'viewkeeper\_%' and r.state = 'streaming'")
   [[ $n == 3 ]] && break
   sleep 0.2
 done

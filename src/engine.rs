@@ -201,7 +201,12 @@ impl Engine {
             }
         }
         self.stats.batches += 1;
-        debug!(batches = batches.len(), "batch durable");
+        debug!(
+            batches = batches.len(),
+            changes = batches.iter().map(|b| b.changes.len()).sum::<usize>(),
+            documents = docs.iter().map(Vec::len).sum::<usize>(),
+            "batch durable"
+        );
         Ok(true)
     }
 

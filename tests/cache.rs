@@ -267,7 +267,7 @@ fn bad_config_names_the_key_path_and_fails() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("projections.ordering_products.sink: unknown sink 'cahce' (declared: cache)"),
+        err.contains("projections.ordering_products.sink: unknown sink 'cahce' (declared: cache, search)"),
         "{err}"
     );
     let ok = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))

@@ -7,6 +7,8 @@
 //! `scripts/services.sh` (started here if they are not up).
 #![allow(dead_code)]
 
+pub mod orders;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,8 @@ pub struct Servers {
     /// Server URL without a database, e.g. `postgres://postgres@127.0.0.1:54329`.
     pub pg: String,
     pub redis: String,
+    /// Elasticsearch/OpenSearch base URL.
+    pub search: String,
 }
 
 /// The servers, started through `scripts/services.sh` when not given by the env.
@@ -28,20 +32,23 @@ pub fn servers() -> &'static Servers {
     S.get_or_init(|| {
         let pg = std::env::var("VK_PG_URL").ok();
         let redis = std::env::var("VK_REDIS_URL").ok();
-        if pg.is_none() || redis.is_none() {
+        let search = std::env::var("VK_OPENSEARCH_URL").ok();
+        if pg.is_none() || redis.is_none() || search.is_none() {
             let st = Command::new(format!("{REPO}/scripts/services.sh"))
-                .args(["up", "postgres", "redis"])
+                .args(["up", "postgres", "redis", "opensearch"])
                 .stdout(Stdio::null())
                 .status()
                 .expect("run scripts/services.sh");
-            assert!(st.success(), "scripts/services.sh up postgres redis failed");
+            assert!(st.success(), "scripts/services.sh up postgres redis opensearch failed");
         }
         let pg = pg.unwrap_or_else(|| "postgres://postgres@127.0.0.1:54329/postgres".into());
         let pg = pg.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
-        remove_stale_shops(&pg);
+        let search = search.unwrap_or_else(|| "http://127.0.0.1:19200".into());
+        remove_stale_shops(&pg, &search);
         Servers {
             pg,
             redis: redis.unwrap_or_else(|| "redis://127.0.0.1:63799".into()),
+            search,
         }
     })
 }
@@ -67,7 +74,7 @@ where
 
 /// Runs config/shop.sql for the shop `prefix`: (re)creates it, or with `drop_only`
 /// removes its slots and databases.
-fn shop_sql(prefix: &str, drop_only: bool) {
+fn shop_sql(pg: &str, prefix: &str, drop_only: bool) {
     let mut cmd = Command::new("psql");
     cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
     for svc in ["identity", "catalog", "ordering"] {
@@ -78,7 +85,7 @@ fn shop_sql(prefix: &str, drop_only: bool) {
     }
     let out = cmd
         .arg("-d")
-        .arg(format!("{}/postgres", servers().pg))
+        .arg(format!("{pg}/postgres"))
         .arg("-f")
         .arg(format!("{REPO}/config/shop.sql"))
         .output()
@@ -92,7 +99,7 @@ fn shop_sql(prefix: &str, drop_only: bool) {
 
 /// Removes shops left by test processes that no longer run (a crashed or killed run),
 /// so their slots do not pile up against max_replication_slots.
-fn remove_stale_shops(pg: &str) {
+fn remove_stale_shops(pg: &str, search: &str) {
     let out = Command::new("psql")
         .args(["-X", "-At", "-d"])
         .arg(format!("{pg}/postgres"))
@@ -105,15 +112,25 @@ fn remove_stale_shops(pg: &str) {
     for db in String::from_utf8_lossy(&out.stdout).lines() {
         let pid = db[1..].split('_').next().unwrap_or("");
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            shop_sql(db.trim_end_matches("_catalog"), true);
+            shop_sql(pg, db.trim_end_matches("_catalog"), true);
+            drop_indexes(search, db.trim_end_matches("_catalog"));
         }
     }
 }
 
 impl Drop for Shop {
     fn drop(&mut self) {
-        shop_sql(&self.prefix, true);
+        shop_sql(&servers().pg, &self.prefix, true);
+        drop_indexes(&servers().search, &self.prefix);
     }
+}
+
+/// Deletes the search indexes of a shop (best effort; the server is in-memory anyway).
+fn drop_indexes(search: &str, prefix: &str) {
+    let _ = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-X", "DELETE"])
+        .arg(format!("{search}/{prefix}_*"))
+        .status();
 }
 
 /// A fresh copy of the demo shop: its own three databases (from config/shop.sql), its
@@ -127,7 +144,7 @@ impl Shop {
     pub async fn new(test: &str) -> Shop {
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!("t{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), test);
-        shop_sql(&prefix, false);
+        shop_sql(&servers().pg, &prefix, false);
         Shop {
             prefix,
             data_dir: tempfile::tempdir().unwrap(),
@@ -151,6 +168,8 @@ impl Shop {
                 .replace(&format!("\"viewkeeper_{svc}\""), &format!("\"{}_{svc}\"", self.prefix));
         }
         text = text.replace("redis://127.0.0.1:63799", &servers().redis);
+        text = text.replace("http://127.0.0.1:19200", &servers().search);
+        text = text.replace("alias = \"orders_view\"", &format!("alias = \"{}\"", self.alias()));
         for k in ["ordering:product:", "storefront:product:", "storefront:products:active"] {
             text = text.replace(&format!("\"{k}"), &format!("\"{}:{k}", self.prefix));
         }
@@ -174,6 +193,11 @@ impl Shop {
             .get_multiplexed_async_connection()
             .await
             .unwrap()
+    }
+
+    /// This shop's `orders_view` alias.
+    pub fn alias(&self) -> String {
+        format!("{}_orders_view", self.prefix)
     }
 
     pub fn key(&self, k: &str) -> String {
@@ -229,7 +253,10 @@ impl Shop {
             || async {
                 let n: i64 = c
                     .query_one(
-                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1 AND active",
+                        // Streaming, not merely active: a slot being created is active (held
+                        // by the creating backend) before it reaches its consistent point.
+                        "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                         WHERE s.slot_name LIKE $1 AND r.state = 'streaming'",
                         &[&like],
                     )
                     .await
@@ -295,6 +322,25 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("\"DEBUG\""))
+                .rev()
+                .take(40)
+                .collect();
+            let keep = std::env::temp_dir().join(format!("viewkeeper-failed-{}.log", std::process::id()));
+            let _ = std::fs::write(&keep, &log);
+            eprintln!(
+                "---- worker log (last {} lines above DEBUG; all of it in {}) ----",
+                tail.len(),
+                keep.display()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

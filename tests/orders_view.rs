@@ -1,0 +1,294 @@
+//! `orders_view` end to end: three Postgres databases → the worker → the search server,
+//! compared field by field with a join in SQL after every step (tests/common/orders.rs).
+//! Data sets stay small: the local OpenSearch-compatible server writes a few hundred
+//! nested documents per second.
+
+mod common;
+
+use common::orders::*;
+use common::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// 40 customers, 20 products, `orders` orders of 3 items each.
+async fn seed(shop: &Shop, orders: i64) {
+    shop.pg("identity")
+        .await
+        .batch_execute(
+            "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 40) g",
+        )
+        .await
+        .unwrap();
+    shop.pg("catalog")
+        .await
+        .batch_execute(
+            "INSERT INTO products(id, sku, name, price) SELECT g, 'SKU-' || g, 'Product ' || g, g + 0.5 FROM generate_series(1, 20) g",
+        )
+        .await
+        .unwrap();
+    shop.pg("ordering")
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO orders SELECT g, 1 + g % 40, (ARRAY['new','paid','shipped'])[1 + g % 3], g * 1.25,
+                    jsonb_build_object('city', 'Lisbon', 'zip', g), timestamptz '2026-01-01 10:00:00+00' + g * interval '7 hours', now()
+             FROM generate_series(1, {orders}) g;
+             INSERT INTO order_items SELECT o, l, 1 + (o + l) % 20, l, 2.50 FROM generate_series(1, {orders}) o, generate_series(1, 3) l;"
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_lifecycle_joins_fan_out_and_tombstones() {
+    let shop = Shop::new("orders").await;
+    let _w = shop.worker(&shop.config("")).await;
+    let mut mem = Remembered::default();
+    seed(&shop, 60).await;
+    converge_orders(&shop, &mem, T).await;
+
+    let ordering = shop.pg("ordering").await;
+    let catalog = shop.pg("catalog").await;
+    let identity = shop.pg("identity").await;
+    // Order lifecycle and items added, changed, removed.
+    ordering
+        .batch_execute("UPDATE orders SET status = 'shipped', updated_at = now() WHERE id = 1")
+        .await
+        .unwrap();
+    ordering
+        .batch_execute("INSERT INTO order_items VALUES (1, 4, 7, 9, 1.10)")
+        .await
+        .unwrap();
+    ordering
+        .batch_execute("UPDATE order_items SET qty = 42 WHERE order_id = 2 AND line_no = 1")
+        .await
+        .unwrap();
+    ordering
+        .batch_execute("DELETE FROM order_items WHERE order_id = 3 AND line_no = 2")
+        .await
+        .unwrap();
+    // A customer's email changes: every order of that customer follows.
+    identity
+        .batch_execute("UPDATE customers SET email = 'new@example.com' WHERE id = 5")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, T).await;
+
+    // A product rename fans out to every order that references it.
+    catalog
+        .batch_execute("UPDATE products SET name = 'Renamed ✓ \"7\"' WHERE id = 7")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, T).await;
+
+    // Decommission one product, hard-delete another: both stay in the orders, flagged.
+    catalog
+        .batch_execute("UPDATE products SET status = 'decommissioned' WHERE id = 3")
+        .await
+        .unwrap();
+    mem.deleted_products.insert(4, ("SKU-4".into(), "Product 4".into()));
+    catalog
+        .batch_execute("DELETE FROM products WHERE id = 4")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, T).await;
+    let doc = search(&shop, json!({"query": {"term": {"_id": "2"}}})).await;
+    let items = &doc["hits"]["hits"][0]["_source"]["items"];
+    let p4 = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["product"]["id"] == json!(4))
+        .expect("order 2 has product 4");
+    assert_eq!(
+        p4["product"],
+        json!({"id": 4, "sku": "SKU-4", "name": "Product 4", "status": "decommissioned", "decommissioned": true})
+    );
+
+    // A hard-deleted order keeps its document, flagged.
+    ordering
+        .batch_execute("DELETE FROM order_items WHERE order_id = 10; DELETE FROM orders WHERE id = 10")
+        .await
+        .unwrap();
+    mem.deleted_orders.insert(10);
+    // A primary-key change moves the row.
+    ordering
+        .batch_execute("UPDATE order_items SET line_no = 9 WHERE order_id = 11 AND line_no = 3")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, T).await;
+
+    // Dashboards: terms on status, sum on total, date_histogram on created_at equal SQL.
+    let aggs = search(
+        &shop,
+        json!({"size": 0, "query": {"bool": {"must_not": {"term": {"deleted": true}}}},
+               "aggs": {"s": {"terms": {"field": "status", "size": 50}},
+                        "t": {"sum": {"field": "total"}},
+                        "h": {"date_histogram": {"field": "created_at", "calendar_interval": "day"}}}}),
+    )
+    .await;
+    let mut by_status = BTreeMap::new();
+    for b in aggs["aggregations"]["s"]["buckets"].as_array().unwrap() {
+        by_status.insert(b["key"].as_str().unwrap().to_string(), b["doc_count"].as_i64().unwrap());
+    }
+    let mut sql_status = BTreeMap::new();
+    for r in ordering
+        .query("SELECT status, count(*) FROM orders GROUP BY status", &[])
+        .await
+        .unwrap()
+    {
+        sql_status.insert(r.get::<_, String>(0), r.get::<_, i64>(1));
+    }
+    assert_eq!(by_status, sql_status);
+    let sql_sum: String = ordering
+        .query_one("SELECT sum(total)::text FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let es_sum = aggs["aggregations"]["t"]["value"].as_f64().unwrap();
+    assert!(
+        (es_sum - sql_sum.parse::<f64>().unwrap()).abs() < 0.005,
+        "sum {es_sum} vs {sql_sum}"
+    );
+    let mut hist = BTreeMap::new();
+    for b in aggs["aggregations"]["h"]["buckets"].as_array().unwrap() {
+        if b["doc_count"].as_i64().unwrap() > 0 {
+            hist.insert(b["key"].as_i64().unwrap(), b["doc_count"].as_i64().unwrap());
+        }
+    }
+    let mut sql_hist = BTreeMap::new();
+    for r in ordering
+        .query(
+            "SELECT (extract(epoch FROM date_trunc('day', created_at AT TIME ZONE 'UTC')) * 1000)::bigint, count(*) FROM orders GROUP BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        sql_hist.insert(r.get::<_, i64>(0), r.get::<_, i64>(1));
+    }
+    assert_eq!(hist, sql_hist);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_sources_render_unresolved_and_heal() {
+    let shop = Shop::new("unresolved").await;
+    let _w = shop.worker(&shop.config("")).await;
+    let mem = Remembered::default();
+    // The order and its items arrive before the customer and the product exist.
+    shop.pg("ordering")
+        .await
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 77, 'new', 10, NULL, now(), now()), (2, 555, 'new', 5, '{\"deep\": {\"a\": [1, 2]}}', now(), now());
+             INSERT INTO order_items VALUES (1, 1, 999, 1, 10), (2, 1, 999, 2, 2.5)",
+        )
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, T).await;
+    let doc = search(&shop, json!({"query": {"term": {"_id": "1"}}})).await;
+    let src = &doc["hits"]["hits"][0]["_source"];
+    assert_eq!(src["customer"], json!({"id": 77, "unresolved": true}));
+    assert_eq!(src["items"][0]["product"], json!({"id": 999, "unresolved": true}));
+    // They arrive later, from other databases: the documents heal.
+    shop.pg("catalog")
+        .await
+        .batch_execute("INSERT INTO products(id, sku, name, price) VALUES (999, 'LATE', 'Late product', 1)")
+        .await
+        .unwrap();
+    shop.pg("identity")
+        .await
+        .batch_execute("INSERT INTO customers VALUES (77, 'Late customer', NULL, now())")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, T).await;
+    // Customer 555 never exists: order 2 stays unresolved.
+    let doc = search(&shop, json!({"query": {"term": {"_id": "2"}}})).await;
+    assert_eq!(
+        doc["hits"]["hits"][0]["_source"]["customer"],
+        json!({"id": 555, "unresolved": true})
+    );
+    let unresolved = search(
+        &shop,
+        json!({"size": 0, "query": {"term": {"customer.unresolved": true}}}),
+    )
+    .await;
+    assert_eq!(unresolved["hits"]["total"]["value"], json!(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_of_a_product_to_hundreds_of_orders() {
+    let shop = Shop::new("fanout").await;
+    let _w = shop.worker(&shop.config("")).await;
+    let mem = Remembered::default();
+    seed(&shop, 300).await;
+    shop.pg("ordering")
+        .await
+        .batch_execute("UPDATE order_items SET product_id = 1 WHERE line_no = 1")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, Duration::from_secs(120)).await;
+    shop.pg("catalog")
+        .await
+        .batch_execute("UPDATE products SET name = 'Everywhere' WHERE id = 1")
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, Duration::from_secs(120)).await;
+    let n = search(
+        &shop,
+        json!({"size": 0, "query": {"term": {"items.product.name.keyword": "Everywhere"}}}),
+    )
+    .await;
+    assert_eq!(n["hits"]["total"]["value"], json!(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_converges_for_joined_documents() {
+    let shop = Shop::new("orderkill").await;
+    let cfg = shop.config("");
+    let mut w = shop.worker(&cfg).await;
+    let mem = Remembered::default();
+    seed(&shop, 40).await;
+    let writer = {
+        let (o, c, i) = (
+            shop.pg("ordering").await,
+            shop.pg("catalog").await,
+            shop.pg("identity").await,
+        );
+        tokio::spawn(async move {
+            for round in 0..60 {
+                o.batch_execute(&format!(
+                    "UPDATE orders SET status = (ARRAY['new','paid','shipped','cancelled'])[1 + {round} % 4], total = total + 1
+                     WHERE id % 6 = {}",
+                    round % 6
+                ))
+                .await
+                .unwrap();
+                c.batch_execute(&format!(
+                    "UPDATE products SET name = 'P{round}-' || id WHERE id % 5 = {}",
+                    round % 5
+                ))
+                .await
+                .unwrap();
+                i.batch_execute(&format!(
+                    "UPDATE customers SET name = 'C{round}' WHERE id % 7 = {}",
+                    round % 7
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    for _ in 0..2 {
+        let before = shop.confirmed_flush("ordering").await.unwrap_or(0);
+        wait_until("worker acknowledged something new", T, || async {
+            (shop.confirmed_flush("ordering").await.unwrap_or(0) > before).then_some(())
+        })
+        .await;
+        w.kill9();
+        w = shop.worker(&cfg).await;
+    }
+    writer.await.unwrap();
+    converge_orders(&shop, &mem, Duration::from_secs(120)).await;
+}
