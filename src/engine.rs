@@ -29,7 +29,7 @@ use viewkeeper_connectors::redis::RedisSink;
 use viewkeeper_connectors::sink::{Rejection, SinkDoc, SinkError};
 use viewkeeper_connectors::source::SourceBatch;
 use viewkeeper_projections::model::{Key, Position};
-use viewkeeper_projections::render::{Projection, RenderError};
+use viewkeeper_projections::render::{Projection, RenderError, RowLookup};
 
 /// A connected sink.
 pub enum Sink {
@@ -43,10 +43,10 @@ impl Sink {
             Sink::Redis(r) => r.write(&p.spec, docs).await,
             Sink::Search(s) => match &p.spec.index {
                 Some(ix) => s.write(&ix.alias, docs).await,
-                None => Err(SinkError {
-                    sink: p.spec.sink.clone(),
-                    message: format!("projection {} has no index", p.name),
-                }),
+                None => Err(SinkError::new(
+                    &p.spec.sink,
+                    format!("projection {} has no index", p.name),
+                )),
             },
         }
     }
@@ -78,6 +78,9 @@ pub struct Engine {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub stats: Stats,
+    /// Projections to re-write whole before streaming (their index was just created
+    /// over a non-empty state store).
+    pub resync: Vec<usize>,
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -100,6 +103,11 @@ impl Engine {
         mut rx: mpsc::Receiver<SourceBatch>,
         shutdown: CancellationToken,
     ) -> Result<Stats, EngineError> {
+        for pi in std::mem::take(&mut self.resync) {
+            if !self.resync_projection(pi, &shutdown).await? {
+                return Ok(self.stats);
+            }
+        }
         loop {
             let first = tokio::select! {
                 biased;
@@ -141,41 +149,13 @@ impl Engine {
             if docs.is_empty() {
                 continue;
             }
-            let proj = &self.projections[pi];
-            let sink = self.sinks[&proj.spec.sink].clone();
-            let mut backoff = backon::ExponentialBuilder::default()
-                .with_min_delay(self.retry_min)
-                .with_max_delay(self.retry_max)
-                .with_jitter()
-                .without_max_times()
-                .build();
-            let rejections = loop {
-                match sink.write(proj, docs).await {
-                    Ok(r) => break r,
-                    Err(e) => {
-                        let delay = backoff.next().unwrap_or(self.retry_max);
-                        warn!(projection = %proj.name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink write failed; retrying (nothing is acknowledged meanwhile)");
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => return Ok(false),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                    }
-                }
+            let Some(rejections) = self.write_retrying(pi, docs, shutdown).await? else {
+                return Ok(false);
             };
+            let proj = &self.projections[pi];
             for r in rejections {
                 warn!(projection = %proj.name, id = %r.id, reason = %r.reason, "sink rejected document; dead-lettered");
-                letters.push(DeadLetter {
-                    id: 0,
-                    at_ms: 0,
-                    source: String::new(),
-                    position: String::new(),
-                    table: proj.root_table().to_string(),
-                    key: r.id,
-                    stage: format!("sink:{}", proj.spec.sink),
-                    reason: r.reason,
-                    payload: String::new(),
-                });
+                letters.push(rejection_letter(proj, r));
             }
             self.stats.documents += docs.len() as u64;
         }
@@ -208,6 +188,108 @@ impl Engine {
             "batch durable"
         );
         Ok(true)
+    }
+
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.retry_min)
+            .with_max_delay(self.retry_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Writes one projection's documents until the sink takes them; `None` when
+    /// shutdown came first. A vanished index is recreated and refilled first.
+    async fn write_retrying(
+        &mut self,
+        pi: usize,
+        docs: &[SinkDoc],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Rejection>>, EngineError> {
+        let mut backoff = self.backoff();
+        loop {
+            let sink = self.sinks[&self.projections[pi].spec.sink].clone();
+            let e = match sink.write(&self.projections[pi], docs).await {
+                Ok(r) => return Ok(Some(r)),
+                Err(e) => e,
+            };
+            if e.index_missing {
+                warn!(projection = %self.projections[pi].name, error = %e, "index is gone; recreating it and re-writing every document from the state store");
+                if !self.resync_projection(pi, shutdown).await? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let delay = backoff.next().unwrap_or(self.retry_max);
+            warn!(projection = %self.projections[pi].name, error = %e, retry_in_ms = delay.as_millis() as u64, "sink write failed; retrying (nothing is acknowledged meanwhile)");
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Makes sure the projection's index exists and re-writes every document of the
+    /// projection from the state store (after the search server lost its data, or when
+    /// the index was created anew over a non-empty state store). `false`: shutdown.
+    pub async fn resync_projection(&mut self, pi: usize, shutdown: &CancellationToken) -> Result<bool, EngineError> {
+        const CHUNK: usize = 500;
+        let mut backoff = self.backoff();
+        'again: loop {
+            let sink = self.sinks[&self.projections[pi].spec.sink].clone();
+            if let (Sink::Search(s), Some(ix)) = (&*sink, &self.projections[pi].spec.index) {
+                if let Err(e) = s.ensure_index(ix).await {
+                    let delay = backoff.next().unwrap_or(self.retry_max);
+                    warn!(projection = %self.projections[pi].name, error = %e, "cannot create the index; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(delay) => continue 'again,
+                    }
+                }
+            }
+            let root = self.projections[pi].root_table().to_string();
+            let keys = tokio::task::block_in_place(|| self.store.keys(&root))?;
+            info!(projection = %self.projections[pi].name, documents = keys.len(), "re-writing every document");
+            for chunk in keys.chunks(CHUNK) {
+                let (docs, letters) = tokio::task::block_in_place(|| -> Result<_, EngineError> {
+                    let tx = self.store.begin()?;
+                    let first = tx.next_versions(chunk.len() as u64)?;
+                    let mut letters = Vec::new();
+                    let docs = render_docs(&self.projections[pi], chunk.iter(), first, &tx, &mut letters)?;
+                    tx.commit()?;
+                    Ok((docs, letters))
+                })?;
+                loop {
+                    match sink.write(&self.projections[pi], &docs).await {
+                        Ok(rejections) => {
+                            let mut letters = letters;
+                            letters.extend(
+                                rejections
+                                    .into_iter()
+                                    .map(|r| rejection_letter(&self.projections[pi], r)),
+                            );
+                            tokio::task::block_in_place(|| self.store.add_dead_letters(&letters))?;
+                            self.stats.documents += docs.len() as u64;
+                            break;
+                        }
+                        Err(e) if e.index_missing => continue 'again,
+                        Err(e) => {
+                            let delay = backoff.next().unwrap_or(self.retry_max);
+                            warn!(projection = %self.projections[pi].name, error = %e, "sink write failed during re-write; retrying");
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => return Ok(false),
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                        }
+                    }
+                }
+            }
+            return Ok(true);
+        }
     }
 
     /// Step 1: one state-store transaction. Returns documents per projection index,
@@ -273,38 +355,64 @@ impl Engine {
         let mut version = if total > 0 { tx.next_versions(total)? } else { 0 };
         let mut out = Vec::with_capacity(self.projections.len());
         for (pi, p) in self.projections.iter().enumerate() {
-            let mut docs = Vec::with_capacity(affected[pi].len());
-            for key in &affected[pi] {
-                match p.render(key, &tx) {
-                    Ok(Some(r)) => docs.push(SinkDoc {
-                        id: r.id,
-                        member: plain_key(key),
-                        body: r.body,
-                        version,
-                        tombstoned: r.tombstoned,
-                    }),
-                    Ok(None) => {}
-                    Err(RenderError::Lookup(e)) => return Err(EngineError::Lookup(e.to_string())),
-                    Err(e @ RenderError::Row { .. }) => {
-                        warn!(projection = %p.name, key = %key, error = %e, "cannot render; dead-lettered");
-                        letters.push(DeadLetter {
-                            id: 0,
-                            at_ms: 0,
-                            source: String::new(),
-                            position: String::new(),
-                            table: p.root_table().to_string(),
-                            key: key.to_string(),
-                            stage: format!("render:{}", p.name),
-                            reason: e.to_string(),
-                            payload: String::new(),
-                        });
-                    }
-                }
-                version += 1;
-            }
-            out.push(docs);
+            out.push(render_docs(p, affected[pi].iter(), version, &tx, &mut letters)?);
+            version += affected[pi].len() as u64;
         }
         tx.commit()?;
         Ok((out, letters))
+    }
+}
+
+/// Renders the documents of `keys`, numbering versions from `first`; rows that cannot
+/// be rendered become dead letters.
+fn render_docs<'a>(
+    p: &Projection,
+    keys: impl Iterator<Item = &'a Key>,
+    first: u64,
+    lookup: &dyn RowLookup,
+    letters: &mut Vec<DeadLetter>,
+) -> Result<Vec<SinkDoc>, EngineError> {
+    let mut docs = Vec::new();
+    for (i, key) in keys.enumerate() {
+        match p.render(key, lookup) {
+            Ok(Some(r)) => docs.push(SinkDoc {
+                id: r.id,
+                member: plain_key(key),
+                body: r.body,
+                version: first + i as u64,
+                tombstoned: r.tombstoned,
+            }),
+            Ok(None) => {}
+            Err(RenderError::Lookup(e)) => return Err(EngineError::Lookup(e.to_string())),
+            Err(e @ RenderError::Row { .. }) => {
+                warn!(projection = %p.name, key = %key, error = %e, "cannot render; dead-lettered");
+                letters.push(DeadLetter {
+                    id: 0,
+                    at_ms: 0,
+                    source: String::new(),
+                    position: String::new(),
+                    table: p.root_table().to_string(),
+                    key: key.to_string(),
+                    stage: format!("render:{}", p.name),
+                    reason: e.to_string(),
+                    payload: String::new(),
+                });
+            }
+        }
+    }
+    Ok(docs)
+}
+
+fn rejection_letter(p: &Projection, r: Rejection) -> DeadLetter {
+    DeadLetter {
+        id: 0,
+        at_ms: 0,
+        source: String::new(),
+        position: String::new(),
+        table: p.root_table().to_string(),
+        key: r.id,
+        stage: format!("sink:{}", p.spec.sink),
+        reason: r.reason,
+        payload: String::new(),
     }
 }

@@ -44,11 +44,15 @@ pub fn compile(cfg: &Config) -> anyhow::Result<(Vec<Projection>, Catalog)> {
     Ok((projections, catalog))
 }
 
+/// Connects every sink (retrying until reachable). Also returns the projections whose
+/// search index was just created.
+#[allow(clippy::type_complexity)]
 async fn connect_sinks(
     cfg: &Config,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<BTreeMap<String, Arc<Sink>>>> {
+) -> anyhow::Result<Option<(BTreeMap<String, Arc<Sink>>, Vec<String>)>> {
     let mut sinks = BTreeMap::new();
+    let mut created = Vec::new();
     for (name, sc) in &cfg.sinks {
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(cfg.engine.retry_min_ms))
@@ -61,7 +65,7 @@ async fn connect_sinks(
                 SinkConfig::Redis(r) => RedisSink::connect(name, r.url.expose(), r.pipeline)
                     .await
                     .map(Sink::Redis),
-                SinkConfig::Elasticsearch(e) => connect_search(cfg, name, e).await.map(Sink::Search),
+                SinkConfig::Elasticsearch(e) => connect_search(cfg, name, e, &mut created).await.map(Sink::Search),
             };
             match r {
                 Ok(s) => break s,
@@ -77,11 +81,16 @@ async fn connect_sinks(
         };
         sinks.insert(name.clone(), Arc::new(sink));
     }
-    Ok(Some(sinks))
+    Ok(Some((sinks, created)))
 }
 
 /// Builds the search client and makes sure every projection's index and alias exist.
-async fn connect_search(cfg: &Config, name: &str, e: &crate::config::SearchSink) -> Result<SearchSink, SinkError> {
+async fn connect_search(
+    cfg: &Config,
+    name: &str,
+    e: &crate::config::SearchSink,
+    created_indexes: &mut Vec<String>,
+) -> Result<SearchSink, SinkError> {
     let sink = SearchSink::new(
         name,
         &SearchSettings {
@@ -96,8 +105,11 @@ async fn connect_search(cfg: &Config, name: &str, e: &crate::config::SearchSink)
     for (pname, p) in &cfg.projections {
         if p.sink == name {
             if let Some(ix) = &p.index {
-                let index = sink.ensure_index(ix).await?;
-                info!(projection = %pname, alias = %ix.alias, %index, "search index ready");
+                let (index, created) = sink.ensure_index(ix).await?;
+                info!(projection = %pname, alias = %ix.alias, %index, created, "search index ready");
+                if created {
+                    created_indexes.push(pname.clone());
+                }
             }
         }
     }
@@ -110,9 +122,18 @@ pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> a
     let store =
         Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
     info!(data_dir = %data_dir.display(), projections = projections.len(), "state store open");
-    let Some(sinks) = connect_sinks(&cfg, &shutdown).await? else {
+    let Some((sinks, created)) = connect_sinks(&cfg, &shutdown).await? else {
         return Ok(());
     };
+    // A new index over a state store that already holds rows (the search server lost
+    // its data while the worker was away): fill it before streaming on.
+    let counts = store.row_counts()?;
+    let resync: Vec<usize> = projections
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| created.contains(&p.name) && counts.get(p.root_table()).is_some_and(|n| *n > 0))
+        .map(|(i, _)| i)
+        .collect();
     let (tx, rx) = mpsc::channel(cfg.engine.queue_transactions);
     let mut acks = BTreeMap::new();
     let mut sources = tokio::task::JoinSet::new();
@@ -161,6 +182,7 @@ pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> a
         retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
         retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
         stats: Default::default(),
+        resync,
     };
     let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
     let mut fatal = None;

@@ -62,3 +62,69 @@ async fn redis_outage_stalls_without_acking_then_recovers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_outage_stalls_then_refills_the_lost_index() {
+    if std::env::var("VK_OPENSEARCH_URL").is_ok() {
+        eprintln!("VK_OPENSEARCH_URL points at an external server: outage test needs the local one");
+        return;
+    }
+    use common::orders::*;
+    let shop = Shop::new("searchdown").await;
+    let cfg = shop.config("");
+    let mut w = shop.worker(&cfg).await;
+    let mem = Remembered::default();
+    shop.pg("identity")
+        .await
+        .batch_execute("INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com', now())")
+        .await
+        .unwrap();
+    shop.pg("catalog")
+        .await
+        .batch_execute("INSERT INTO products(id, sku, name, price) VALUES (1, 'W', 'Widget', 2)")
+        .await
+        .unwrap();
+    let ordering = shop.pg("ordering").await;
+    ordering
+        .batch_execute(
+            "INSERT INTO orders SELECT g, 1, 'new', 2, NULL, now(), now() FROM generate_series(1, 30) g;
+             INSERT INTO order_items SELECT g, 1, 1, 1, 2 FROM generate_series(1, 30) g",
+        )
+        .await
+        .unwrap();
+    converge_orders(&shop, &mem, Duration::from_secs(60)).await;
+
+    // The in-memory search server goes down and comes back empty: the worker stalls
+    // meanwhile, then recreates the index and re-writes every document.
+    let _restore = Restore("opensearch");
+    services("down", "opensearch");
+    ordering
+        .batch_execute("UPDATE orders SET status = 'paid' WHERE id <= 10")
+        .await
+        .unwrap();
+    let written = shop.current_lsn("ordering").await;
+    wait_until("worker reports failed sink writes", Duration::from_secs(30), || async {
+        w.log_text().contains("sink write failed").then_some(())
+    })
+    .await;
+    assert!(
+        shop.confirmed_flush("ordering").await.unwrap() < written,
+        "acked while the sink was down"
+    );
+    services("up", "opensearch");
+    converge_orders(&shop, &mem, Duration::from_secs(90)).await;
+    assert!(w.log_text().contains("re-writing every document"));
+
+    // Lost again while the worker is stopped: the restarted worker refills it.
+    assert_eq!(w.terminate(), Some(0));
+    services("down", "opensearch");
+    services("up", "opensearch");
+    shop.pg("catalog")
+        .await
+        .batch_execute("UPDATE products SET name = 'Widget 2' WHERE id = 1")
+        .await
+        .unwrap();
+    w = shop.worker(&cfg).await;
+    converge_orders(&shop, &mem, Duration::from_secs(90)).await;
+    drop(w);
+}

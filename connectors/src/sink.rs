@@ -38,4 +38,17 @@ pub struct Rejection {
 pub struct SinkError {
     pub sink: String,
     pub message: String,
+    /// The index behind the alias is gone (e.g. the search server lost its data): the
+    /// engine recreates it and re-writes every document of the projection.
+    pub index_missing: bool,
+}
+
+impl SinkError {
+    pub fn new(sink: &str, message: impl Into<String>) -> Self {
+        SinkError {
+            sink: sink.to_string(),
+            message: message.into(),
+            index_missing: false,
+        }
+    }
 }

@@ -54,7 +54,9 @@ fn is_retryable(status: u16) -> bool {
 
 /// The NDJSON of one document's bulk action.
 fn action_lines(index: &str, d: &SinkDoc, out: &mut Vec<u8>) {
-    let meta = json!({"_index": index, "_id": d.id, "version": d.version, "version_type": "external_gte"});
+    // require_alias: never let a bulk write auto-create a plain index named like the alias
+    // (after the search server lost its data); a 404 tells the engine to recreate it.
+    let meta = json!({"_index": index, "_id": d.id, "version": d.version, "version_type": "external_gte", "require_alias": true});
     match &d.body {
         Some(body) => {
             serde_json::to_writer(&mut *out, &json!({ "index": meta })).expect("JSON");
@@ -68,10 +70,7 @@ fn action_lines(index: &str, d: &SinkDoc, out: &mut Vec<u8>) {
 
 impl SearchSink {
     pub fn new(name: &str, s: &SearchSettings) -> Result<Self, SinkError> {
-        let err = |m: String| SinkError {
-            sink: name.to_string(),
-            message: m,
-        };
+        let err = |m: String| SinkError::new(name, m);
         let url = Url::parse(&s.url).map_err(|e| err(format!("bad url: {e}")))?;
         let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .disable_proxy()
@@ -89,10 +88,7 @@ impl SearchSink {
     }
 
     fn fail(&self, m: impl std::fmt::Display) -> SinkError {
-        SinkError {
-            sink: self.name.clone(),
-            message: m.to_string(),
-        }
+        SinkError::new(&self.name, m.to_string())
     }
 
     /// Sends a JSON request; returns status and parsed body (Null when empty).
@@ -118,12 +114,12 @@ impl SearchSink {
     }
 
     /// Creates `{alias}_v{version}` with the alias when the alias does not exist yet.
-    /// Returns the name of an index behind the alias.
-    pub async fn ensure_index(&self, spec: &IndexSpec) -> Result<String, SinkError> {
+    /// Returns the name of an index behind the alias, and whether it was just created.
+    pub async fn ensure_index(&self, spec: &IndexSpec) -> Result<(String, bool), SinkError> {
         let (status, v) = self.call(Method::Get, &format!("/_alias/{}", spec.alias), None).await?;
         if status == 200 {
             if let Some(name) = v.as_object().and_then(|m| m.keys().next()) {
-                return Ok(name.clone());
+                return Ok((name.clone(), false));
             }
         }
         if is_retryable(status) {
@@ -143,7 +139,7 @@ impl SearchSink {
             )
             .await?;
         match status {
-            200..=299 => Ok(index),
+            200..=299 => Ok((index, true)),
             400 if v.to_string().contains("already_exists") => {
                 // The index exists without the alias (e.g. created by hand): attach it.
                 let body = json!({"actions": [{"add": {"index": index, "alias": spec.alias, "is_write_index": true}}]});
@@ -155,7 +151,7 @@ impl SearchSink {
                     )
                     .await?;
                 if (200..300).contains(&s2) {
-                    Ok(index)
+                    Ok((index, true))
                 } else {
                     Err(self.fail(format!("cannot add alias {} to {index}: {s2} {v2}", spec.alias)))
                 }
@@ -212,6 +208,15 @@ impl SearchSink {
                         .cloned()
                         .unwrap_or(Value::Null);
                     let st = res.get("status").and_then(Value::as_u64).unwrap_or(0) as u16;
+                    if st == 404 && d.body.is_some() {
+                        return Err(SinkError {
+                            index_missing: true,
+                            ..self.fail(format!(
+                                "alias {index} is gone: {}",
+                                res.get("error").unwrap_or(&Value::Null)
+                            ))
+                        });
+                    }
                     if is_ok_status(st, d.body.is_none()) {
                         continue;
                     }
@@ -285,7 +290,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
-            "{\"index\":{\"_index\":\"orders_view\",\"_id\":\"7\",\"version\":1882522659926835200,\"version_type\":\"external_gte\"}}\n{\"a\":1}\n"
+            "{\"index\":{\"_index\":\"orders_view\",\"_id\":\"7\",\"version\":1882522659926835200,\"version_type\":\"external_gte\",\"require_alias\":true}}\n{\"a\":1}\n"
         );
         let mut out = Vec::new();
         action_lines("x", &SinkDoc { body: None, ..d }, &mut out);

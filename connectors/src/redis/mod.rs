@@ -57,10 +57,7 @@ fn field_text(v: &Value) -> Option<String> {
 impl RedisSink {
     /// Connects (the manager reconnects by itself after a loss).
     pub async fn connect(name: &str, url: &str, pipeline: usize) -> Result<Self, SinkError> {
-        let err = |e: redis::RedisError| SinkError {
-            sink: name.to_string(),
-            message: format!("cannot connect to Redis: {e}"),
-        };
+        let err = |e: redis::RedisError| SinkError::new(name, format!("cannot connect to Redis: {e}"));
         let client = redis::Client::open(url).map_err(err)?;
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(std::time::Duration::from_secs(5))
@@ -78,10 +75,7 @@ impl RedisSink {
     }
 
     fn transient(&self, what: &str, e: impl std::fmt::Display) -> SinkError {
-        SinkError {
-            sink: self.name.clone(),
-            message: format!("{what}: {e}"),
-        }
+        SinkError::new(&self.name, format!("{what}: {e}"))
     }
 
     /// Writes the documents of one projection.
