@@ -138,6 +138,18 @@ pub struct PostgresSource {
     /// How often standby status updates report the checkpoint.
     #[serde(default = "PostgresSource::default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// `initial` (default): when the slot is created, read the rows that already exist
+    /// under its snapshot, then stream. `never`: stream only what changes from then on.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    #[default]
+    Initial,
+    Never,
 }
 
 impl PostgresSource {

@@ -166,6 +166,7 @@ pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> a
                     status_interval: Duration::from_millis(pg.status_interval_ms),
                     retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
                     retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+                    initial_snapshot: pg.snapshot == crate::config::SnapshotMode::Initial,
                 });
                 let (tx, sd) = (tx.clone(), shutdown.clone());
                 sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });

@@ -277,3 +277,34 @@ fn bad_config_names_the_key_path_and_fails() {
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_rows_are_read_by_the_initial_snapshot_and_writes_during_it_are_kept() {
+    let shop = Shop::new("snapshot").await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute(
+        "INSERT INTO products(id, sku, name, price, status)
+         SELECT g, 'S' || g, 'existing ' || g, g, CASE WHEN g % 3 = 0 THEN 'decommissioned' ELSE 'active' END
+         FROM generate_series(1, 3000) g",
+    )
+    .await
+    .unwrap();
+    // Writes race the worker's start: each lands either in the snapshot or in the stream.
+    let writer = {
+        let pg = shop.pg("catalog").await;
+        tokio::spawn(async move {
+            for i in 0..200 {
+                pg.batch_execute(&format!(
+                    "UPDATE products SET price = price + 1 WHERE id = {}; INSERT INTO products(id, sku, name, price) VALUES ({}, 'N{i}', 'new', 1)",
+                    1 + i * 7,
+                    10_000 + i
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let _w = Worker::start(&shop.config(""), &shop.data_dir.path().join("data"));
+    writer.await.unwrap();
+    converge(&shop, Duration::from_secs(90)).await;
+}

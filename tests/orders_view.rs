@@ -292,3 +292,26 @@ async fn sigkill_mid_stream_converges_for_joined_documents() {
     writer.await.unwrap();
     converge_orders(&shop, &mem, Duration::from_secs(120)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_orders_are_loaded_by_the_initial_snapshot_even_after_a_kill_during_it() {
+    let shop = Shop::new("ordersnap").await;
+    seed(&shop, 80).await;
+    let cfg = shop.config("");
+    let data = shop.data_dir.path().join("data");
+    // Killed while taking its snapshots: nothing was acknowledged, so the next start
+    // drops the slots and takes them again.
+    let mut w = Worker::start(&cfg, &data);
+    wait_until("a snapshot started", T, || async {
+        w.log_text().contains("reading the initial snapshot").then_some(())
+    })
+    .await;
+    w.kill9();
+    shop.pg("ordering")
+        .await
+        .batch_execute("UPDATE orders SET status = 'paid' WHERE id <= 5")
+        .await
+        .unwrap();
+    let _w = Worker::start(&cfg, &data);
+    converge_orders(&shop, &Remembered::default(), Duration::from_secs(120)).await;
+}

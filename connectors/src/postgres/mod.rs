@@ -3,10 +3,12 @@
 //! * [`pgoutput`]: the wire decoder (bytes → messages), pure and panic-free.
 //! * [`values`]: text-format values → JSON, by type OID.
 //! * [`decode`]: messages of a transaction → [`viewkeeper_projections::model::Change`]s.
+//! * [`snapshot`]: the initial snapshot under a new slot's exported snapshot.
 //! * [`source`]: publication/slot setup, streaming, acknowledgement.
 
 pub mod decode;
 pub mod pgoutput;
+pub mod snapshot;
 pub mod source;
 pub mod values;
 

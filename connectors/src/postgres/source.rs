@@ -14,6 +14,7 @@
 
 use super::decode::{TableBinding, TxDecoder};
 use super::pgoutput::{self, PgOutputMessage};
+use super::snapshot;
 use crate::source::{SourceBatch, SourceDeadLetter, SourceError};
 use backon::BackoffBuilder;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
@@ -37,6 +38,8 @@ pub struct PgSourceSettings {
     pub status_interval: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Read the existing rows under the slot's snapshot when the slot is created.
+    pub initial_snapshot: bool,
 }
 
 pub struct PgSource {
@@ -88,7 +91,7 @@ impl PgSource {
         loop {
             let acked = (*acks.borrow()).max(checkpoint.unwrap_or_default());
             let result = match self.prepare(acked != Position::ZERO).await {
-                Ok(()) => self.stream(acked, &tx, &mut acks, &shutdown).await,
+                Ok(needs_slot) => self.stream(acked, needs_slot, &tx, &mut acks, &shutdown).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -107,7 +110,8 @@ impl PgSource {
     }
 
     /// Checks the server and creates the publication and slot when missing.
-    async fn prepare(&self, has_checkpoint: bool) -> Result<(), SourceError> {
+    /// `Ok(true)`: the slot must be created with an exported snapshot.
+    async fn prepare(&self, has_checkpoint: bool) -> Result<bool, SourceError> {
         let (client, conn) = tokio_postgres::connect(&self.s.url, NoTls)
             .await
             .map_err(|e| self.transient(format!("cannot connect: {e}")))?;
@@ -118,7 +122,7 @@ impl PgSource {
         r
     }
 
-    async fn prepare_on(&self, c: &tokio_postgres::Client, has_checkpoint: bool) -> Result<(), SourceError> {
+    async fn prepare_on(&self, c: &tokio_postgres::Client, has_checkpoint: bool) -> Result<bool, SourceError> {
         let sql = |e: tokio_postgres::Error| self.transient(format!("query failed: {e}"));
         let wal: String = c.query_one("SHOW wal_level", &[]).await.map_err(sql)?.get(0);
         if wal != "logical" {
@@ -207,12 +211,22 @@ impl PgSource {
                  Rebuild with `viewkeeper backfill` (or drop the data dir to start over); viewkeeper never silently restarts from a new slot",
                 self.s.slot
             ))),
+            None if self.s.initial_snapshot => Ok(true),
+            Some(_) if !has_checkpoint && self.s.initial_snapshot => {
+                // A slot without a checkpoint: a previous start died before its initial
+                // snapshot was complete (nothing was acknowledged), so start it over.
+                info!(source = %self.s.name, slot = %self.s.slot, "slot has no checkpoint: dropping it to take the initial snapshot again");
+                c.query_one("SELECT pg_drop_replication_slot($1)", &[&self.s.slot])
+                    .await
+                    .map_err(|e| self.transient(format!("cannot drop slot {} (still in use?): {e}", self.s.slot)))?;
+                Ok(true)
+            }
             None => {
                 info!(source = %self.s.name, slot = %self.s.slot, "creating replication slot");
                 c.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&self.s.slot])
                     .await
                     .map_err(|e| self.fatal(format!("cannot create replication slot {}: {e}", self.s.slot)))?;
-                Ok(())
+                Ok(false)
             }
             Some(r) => {
                 let plugin: String = r.get(0);
@@ -229,7 +243,7 @@ impl PgSource {
                         self.s.slot
                     )));
                 }
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -273,20 +287,33 @@ impl PgSource {
     async fn stream(
         &self,
         from: Position,
+        needs_slot: bool,
         tx: &mpsc::Sender<SourceBatch>,
         acks: &mut watch::Receiver<Position>,
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
-        let mut client = ReplicationClient::connect(self.replication_config(from)?)
-            .await
-            .map_err(|e| self.classify(e))?;
+        let mut last_sent = from;
+        let mut client = if needs_slot {
+            let mut client = ReplicationClient::connect_gated(self.replication_config(Position::ZERO)?)
+                .await
+                .map_err(|e| self.classify(e))?;
+            let Some(cp) = self.initial_snapshot(&mut client, tx, shutdown).await? else {
+                return Ok(()); // shutdown during the snapshot: it starts over next time
+            };
+            last_sent = cp;
+            client.start().await.map_err(|e| self.classify(e))?;
+            client
+        } else {
+            ReplicationClient::connect(self.replication_config(from)?)
+                .await
+                .map_err(|e| self.classify(e))?
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = client.wait_started() => r.map_err(|e| self.classify(e))?,
         }
-        info!(source = %self.s.name, slot = %self.s.slot, from = %from, "streaming");
+        info!(source = %self.s.name, slot = %self.s.slot, from = %last_sent, "streaming");
         let mut decoder = TxDecoder::new(self.s.tables.clone());
-        let mut last_sent = from;
         let mut acked = from;
         let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal
         loop {
@@ -410,6 +437,68 @@ impl PgSource {
                 ReplicationEvent::StoppedAt { .. } => return Ok(()),
             }
         }
+    }
+
+    /// Creates the slot with an exported snapshot on the gated replication session and
+    /// reads every table under it. Returns the slot's consistent point, already sent to
+    /// the engine as the checkpoint; `None` on shutdown.
+    async fn initial_snapshot(
+        &self,
+        client: &mut ReplicationClient,
+        tx: &mpsc::Sender<SourceBatch>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Position>, SourceError> {
+        let rows = client
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(&self.s.slot)
+            ))
+            .await
+            .map_err(|e| self.fatal(format!("cannot create replication slot {}: {e}", self.s.slot)))?;
+        let text = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i))
+                .and_then(|v| v.as_ref())
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let (Some(cp), Some(snapshot)) = (text(1).and_then(|l| Lsn::parse(&l).ok()), text(2)) else {
+            return Err(self.fatal("CREATE_REPLICATION_SLOT answered without consistent point or snapshot"));
+        };
+        let cp = Position::new(cp.as_u64(), 0);
+        info!(source = %self.s.name, slot = %self.s.slot, consistent_point = %cp, %snapshot, "slot created; reading the initial snapshot");
+        let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls)
+            .await
+            .map_err(|e| self.transient(format!("cannot connect for the snapshot: {e}")))?;
+        let conn_task = tokio::spawn(conn);
+        let started = std::time::Instant::now();
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        let rows = snapshot::read_tables(&c, &self.s.name, &snapshot, &self.s.tables, cp, |b| {
+            let (tx, sd, stopped) = (tx.clone(), shutdown.clone(), &stopped);
+            async move {
+                let ok = tokio::select! {
+                    _ = sd.cancelled() => false,
+                    r = tx.send(b) => r.is_ok(),
+                };
+                stopped.store(!ok, std::sync::atomic::Ordering::Relaxed);
+                ok
+            }
+        })
+        .await
+        .map_err(|e| self.transient(format!("initial snapshot failed: {e}")));
+        drop(c);
+        let _ = conn_task.await;
+        let rows = rows?;
+        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        info!(source = %self.s.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
+        let done = SourceBatch {
+            source: self.s.name.clone(),
+            checkpoint: cp,
+            ..Default::default()
+        };
+        self.send(tx, shutdown, done).await?;
+        Ok(Some(cp))
     }
 
     async fn send(
