@@ -9,6 +9,8 @@
 //! * A referenced row that was never seen renders as `{<remote key>: value,
 //!   "unresolved": true}`; a tombstoned one keeps its last image (flagged).
 //! * One-to-many children that are tombstones (deleted rows) are left out of lists.
+//! * A nested one-to-one row that is a tombstone keeps its last image and shows it:
+//!   the relation's `flag` field (always present), or else `deleted: true`.
 
 use crate::model::{format_ms, Key, Row, StoredRow, TombstoneKind};
 use crate::spec::{parse_template, Cardinality, OnDelete, ProjectionSpec, RelationSpec, TableSpec, TemplatePart};
@@ -368,8 +370,16 @@ impl Projection {
         lookup: &dyn RowLookup,
     ) -> Result<Row, RenderError> {
         let mut m = copy_fields(table, row, &r.fields, &r.rename);
-        if let Some(f) = &r.flag {
-            m.insert(f.clone(), Value::Bool(row.tombstone.is_some()));
+        match (&r.flag, &row.tombstone) {
+            (Some(f), t) => {
+                m.insert(f.clone(), Value::Bool(t.is_some()));
+            }
+            // Without a configured flag a tombstone still shows (DESIGN §3: documents
+            // keep the last snapshot and show the flag), only when it is one.
+            (None, Some(_)) => {
+                m.insert("deleted".into(), Value::Bool(true));
+            }
+            (None, None) => {}
         }
         self.render_relations(row, &r.relations, &mut m, lookup)?;
         Ok(m)

@@ -267,3 +267,27 @@ fn needed_columns_and_join_indexes() {
         "pk lookups need no index"
     );
 }
+
+#[test]
+fn deleted_customer_keeps_snapshot_and_shows_deleted() {
+    let mut m = shop();
+    m.put(
+        "customers",
+        &["id"],
+        row(json!({"id": 7, "name": "Ada", "email": "ada@example.com"})),
+        Some(Tombstone {
+            kind: TombstoneKind::Deleted,
+            at_ms: 5,
+        }),
+    );
+    let b = orders_view()
+        .render(&key(json!([1001])), &m)
+        .unwrap()
+        .unwrap()
+        .body
+        .unwrap();
+    assert_eq!(
+        b["customer"],
+        json!({"id": 7, "name": "Ada", "email": "ada@example.com", "deleted": true})
+    );
+}
