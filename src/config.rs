@@ -142,6 +142,9 @@ pub struct PostgresSource {
     /// under its snapshot, then stream. `never`: stream only what changes from then on.
     #[serde(default)]
     pub snapshot: SnapshotMode,
+    /// Rows per chunk of the initial snapshot (one batch each; progress is stored per chunk).
+    #[serde(default = "PostgresSource::default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,6 +158,9 @@ pub enum SnapshotMode {
 impl PostgresSource {
     fn default_status_interval_ms() -> u64 {
         1_000
+    }
+    fn default_snapshot_chunk_rows() -> usize {
+        2_000
     }
 }
 
@@ -279,6 +285,9 @@ impl Config {
                     check_ident(&mut out, &format!("{p}.publication"), &pg.publication);
                     if let Err(e) = pg.url.expose().parse::<viewkeeper_connectors::postgres::PgConfig>() {
                         out.push(format!("{p}.url: not a Postgres connection string ({e}); e.g. postgres://postgres@127.0.0.1:54329/catalog"));
+                    }
+                    if pg.snapshot_chunk_rows == 0 {
+                        out.push(format!("{p}.snapshot_chunk_rows: must be at least 1"));
                     }
                     if !slots.insert((pg.url.expose().to_string(), pg.slot.clone())) {
                         out.push(format!("{p}.slot: slot '{}' is used by another source on the same database; each source needs its own slot", pg.slot));

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::redis::RedisSink;
 use viewkeeper_connectors::sink::{Rejection, SinkDoc, SinkError};
-use viewkeeper_connectors::source::SourceBatch;
+use viewkeeper_connectors::source::{SnapshotMark, SourceBatch};
 use viewkeeper_projections::model::{Key, Position};
 use viewkeeper_projections::render::{Projection, RenderError, RowLookup};
 
@@ -81,6 +81,12 @@ pub struct Engine {
     /// Projections to re-write whole before streaming (their index was just created
     /// over a non-empty state store).
     pub resync: Vec<usize>,
+    /// `viewkeeper backfill`: render once at the end, after every source's snapshot,
+    /// instead of after each one.
+    pub defer_snapshot_render: bool,
+    /// Sources whose snapshot is complete but not yet rendered (deferred), with their
+    /// checkpoints, stored only after the rendering.
+    pub held: BTreeMap<String, Position>,
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -126,8 +132,16 @@ impl Engine {
                 }
             }
             if !self.process(batches, &shutdown).await? {
-                break;
+                return Ok(self.stats);
             }
+        }
+        if !self.held.is_empty() && !shutdown.is_cancelled() {
+            let sources: Vec<String> = self.held.keys().cloned().collect();
+            if !self.render_snapshot(&sources, &shutdown).await? {
+                return Ok(self.stats);
+            }
+            let held = std::mem::take(&mut self.held);
+            tokio::task::block_in_place(|| self.store.set_checkpoints(&held))?;
         }
         info!(
             batches = self.stats.batches,
@@ -144,7 +158,7 @@ impl Engine {
         batches: Vec<SourceBatch>,
         shutdown: &CancellationToken,
     ) -> Result<bool, EngineError> {
-        let (docs, mut letters) = tokio::task::block_in_place(|| self.apply_and_render(&batches))?;
+        let (docs, mut letters, completed) = tokio::task::block_in_place(|| self.apply_and_render(&batches))?;
         for (pi, docs) in docs.iter().enumerate() {
             if docs.is_empty() {
                 continue;
@@ -163,6 +177,17 @@ impl Engine {
         for b in &batches {
             let e = checkpoints.entry(b.source.clone()).or_default();
             *e = (*e).max(b.checkpoint);
+        }
+        if !completed.is_empty() {
+            if self.defer_snapshot_render {
+                for s in &completed {
+                    if let Some(p) = checkpoints.remove(s) {
+                        self.held.insert(s.clone(), p);
+                    }
+                }
+            } else if !self.render_snapshot(&completed, shutdown).await? {
+                return Ok(false);
+            }
         }
         tokio::task::block_in_place(|| -> Result<(), StoreError> {
             self.store.add_dead_letters(&letters)?;
@@ -292,18 +317,48 @@ impl Engine {
         }
     }
 
+    /// Re-writes every document of the projections that read tables of `sources` (whose
+    /// snapshots were applied without rendering). `false`: shutdown.
+    async fn render_snapshot(&mut self, sources: &[String], shutdown: &CancellationToken) -> Result<bool, EngineError> {
+        let tables: Vec<String> = self
+            .store
+            .catalog()
+            .tables
+            .iter()
+            .filter(|(_, t)| sources.contains(&t.source))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for pi in 0..self.projections.len() {
+            if tables.iter().any(|t| self.projections[pi].uses_table(t))
+                && !self.resync_projection(pi, shutdown).await?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Step 1: one state-store transaction. Returns documents per projection index,
-    /// and dead letters found on the way (rendering failures).
+    /// dead letters found on the way (rendering failures), and the sources whose
+    /// snapshot completed. Snapshot batches are applied without rendering: their
+    /// documents are rendered whole once the snapshot is complete.
     #[allow(clippy::type_complexity)]
     fn apply_and_render(
         &mut self,
         batches: &[SourceBatch],
-    ) -> Result<(Vec<Vec<SinkDoc>>, Vec<DeadLetter>), EngineError> {
+    ) -> Result<(Vec<Vec<SinkDoc>>, Vec<DeadLetter>, Vec<String>), EngineError> {
         let tx = self.store.begin()?;
         let mut affected: Vec<BTreeSet<Key>> = vec![BTreeSet::new(); self.projections.len()];
         let mut letters = Vec::new();
         let mut source_letters = Vec::new();
+        let mut completed = Vec::new();
         for b in batches {
+            if let Some(mark) = &b.snapshot {
+                tx.record_snapshot(&b.source, mark)?;
+                if *mark == SnapshotMark::Complete {
+                    completed.push(b.source.clone());
+                }
+            }
             for c in &b.changes {
                 let applied = tx.apply(c)?;
                 if !applied.missing_unchanged.is_empty() {
@@ -323,6 +378,9 @@ impl Engine {
                         reason,
                         payload: String::new(),
                     });
+                }
+                if b.snapshot.is_some() {
+                    continue; // rendered whole once the snapshot is complete
                 }
                 let images: Vec<&_> = applied.images.iter().collect();
                 for (pi, p) in self.projections.iter().enumerate() {
@@ -359,7 +417,7 @@ impl Engine {
             version += affected[pi].len() as u64;
         }
         tx.commit()?;
-        Ok((out, letters))
+        Ok((out, letters, completed))
     }
 }
 

@@ -28,6 +28,15 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Initial load: read the existing rows of every source that has no checkpoint yet
+    /// (resumable chunk by chunk), write every document once, and exit. Then `run`
+    /// streams on from exactly where the load ended.
+    Backfill {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Load and validate a config file; print it with secrets redacted.
     CheckConfig {
         #[arg(long, short)]
@@ -55,25 +64,30 @@ fn real_main() -> anyhow::Result<()> {
             println!("config {} is valid", config.display());
             Ok(())
         }
-        Cmd::Run { config, data_dir } => {
-            let cfg = Config::load(&config)?;
-            let data_dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
-            rt.block_on(async move {
-                let shutdown = CancellationToken::new();
-                let sd = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("shutdown signal received");
-                    sd.cancel();
-                });
-                viewkeeper::worker::run(cfg, &data_dir, shutdown).await
-            })
-        }
+        Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
+        Cmd::Backfill { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Backfill),
     }
+}
+
+/// Runs the worker (or the backfill) on a multi-threaded runtime until it ends or a
+/// SIGTERM/SIGINT asks it to stop.
+fn run(config: PathBuf, data_dir: Option<PathBuf>, mode: viewkeeper::worker::Mode) -> anyhow::Result<()> {
+    let cfg = Config::load(&config)?;
+    let data_dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received");
+            sd.cancel();
+        });
+        viewkeeper::worker::run(cfg, &data_dir, mode, shutdown).await
+    })
 }
 
 async fn wait_for_signal() {

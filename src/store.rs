@@ -19,8 +19,9 @@
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use viewkeeper_connectors::source::{SnapshotMark, TableProgress};
 use viewkeeper_projections::model::{Cell, Change, Key, Op, Position, Row, StoredRow, Tombstone, TombstoneKind};
 use viewkeeper_projections::render::{LookupError, RowLookup};
 use viewkeeper_projections::spec::TableSpec;
@@ -125,7 +126,10 @@ impl Store {
              CREATE TABLE IF NOT EXISTS dead_letters(
                 id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, source TEXT NOT NULL,
                 position TEXT NOT NULL, tbl TEXT NOT NULL, key TEXT NOT NULL, stage TEXT NOT NULL,
-                reason TEXT NOT NULL, payload TEXT NOT NULL);",
+                reason TEXT NOT NULL, payload TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS snapshot_progress(
+                source TEXT NOT NULL, tbl TEXT NOT NULL, last_key TEXT, done INTEGER NOT NULL,
+                PRIMARY KEY(source, tbl));",
         )?;
         let mut store = Store { conn, catalog };
         store.sync_indexes()?;
@@ -241,6 +245,24 @@ impl Store {
         Ok(())
     }
 
+    /// Where the initial snapshot of `source` stands, per table (`schema.table`).
+    pub fn snapshot_progress(&self, source: &str) -> Result<HashMap<String, TableProgress>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT tbl, last_key, done FROM snapshot_progress WHERE source = ?1")?;
+        let rows = st.query_map(params![source], |r| {
+            let last: Option<String> = r.get(1)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                TableProgress {
+                    last_key: last.and_then(|l| serde_json::from_str(&l).ok()),
+                    done: r.get::<_, i64>(2)? != 0,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn
@@ -335,6 +357,29 @@ impl StoreTx<'_> {
 
     pub fn add_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         insert_dead_letters(&self.tx, letters)
+    }
+
+    /// Records a snapshot batch's progress with its rows.
+    pub fn record_snapshot(&self, source: &str, mark: &SnapshotMark) -> Result<(), StoreError> {
+        let (tbl, last, done) = match mark {
+            SnapshotMark::Chunk { table, last_key } => {
+                (table.as_str(), Some(serde_json::to_string(last_key).expect("JSON")), 0)
+            }
+            SnapshotMark::TableDone { table } => (table.as_str(), None, 1),
+            SnapshotMark::Complete => return Ok(()),
+            SnapshotMark::Begin => {
+                self.tx
+                    .execute("DELETE FROM snapshot_progress WHERE source = ?1", params![source])?;
+                return Ok(());
+            }
+        };
+        self.tx.execute(
+            "INSERT INTO snapshot_progress(source, tbl, last_key, done) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(source, tbl) DO UPDATE SET last_key = coalesce(excluded.last_key, snapshot_progress.last_key),
+               done = excluded.done",
+            params![source, tbl, last, done],
+        )?;
+        Ok(())
     }
 
     /// Reserves `n` versions from the hybrid clock; returns the first.

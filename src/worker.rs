@@ -116,8 +116,20 @@ async fn connect_search(
     Ok(sink)
 }
 
-/// Runs the worker until `shutdown` fires or a fatal error occurs.
-pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// What the worker is started for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `viewkeeper run`: snapshot new slots, then stream until shutdown.
+    Run,
+    /// `viewkeeper backfill`: take (or resume) the initial snapshot of every source that
+    /// has none yet, render every document once, checkpoint, exit. `run` then streams on
+    /// from exactly the snapshot's position.
+    Backfill,
+}
+
+/// Runs the worker until `shutdown` fires or a fatal error occurs (or, for
+/// [`Mode::Backfill`], until the backfill is done).
+pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (projections, catalog) = compile(&cfg)?;
     let store =
         Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
@@ -166,7 +178,10 @@ pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> a
                     status_interval: Duration::from_millis(pg.status_interval_ms),
                     retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
                     retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
-                    initial_snapshot: pg.snapshot == crate::config::SnapshotMode::Initial,
+                    initial_snapshot: pg.snapshot == crate::config::SnapshotMode::Initial || mode == Mode::Backfill,
+                    snapshot_progress: store.snapshot_progress(name)?,
+                    stop_after_snapshot: mode == Mode::Backfill,
+                    snapshot_chunk_rows: pg.snapshot_chunk_rows,
                 });
                 let (tx, sd) = (tx.clone(), shutdown.clone());
                 sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });
@@ -184,6 +199,8 @@ pub async fn run(cfg: Config, data_dir: &Path, shutdown: CancellationToken) -> a
         retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
         stats: Default::default(),
         resync,
+        defer_snapshot_render: mode == Mode::Backfill,
+        held: BTreeMap::new(),
     };
     let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
     let mut fatal = None;

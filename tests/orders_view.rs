@@ -294,16 +294,23 @@ async fn sigkill_mid_stream_converges_for_joined_documents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn existing_orders_are_loaded_by_the_initial_snapshot_even_after_a_kill_during_it() {
+async fn existing_orders_are_loaded_by_the_initial_snapshot_resumed_after_a_kill() {
     let shop = Shop::new("ordersnap").await;
-    seed(&shop, 80).await;
+    seed(&shop, 400).await;
+    // Small chunks, so that the kill lands between chunks of order_items (1,200 rows).
     let cfg = shop.config("");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("publication = \"", "snapshot_chunk_rows = 50\npublication = \"");
+    std::fs::write(&cfg, text).unwrap();
     let data = shop.data_dir.path().join("data");
-    // Killed while taking its snapshots: nothing was acknowledged, so the next start
-    // drops the slots and takes them again.
     let mut w = Worker::start(&cfg, &data);
-    wait_until("a snapshot started", T, || async {
-        w.log_text().contains("reading the initial snapshot").then_some(())
+    wait_until("some snapshot chunks stored", T, || async {
+        let n =
+            rusqlite::Connection::open_with_flags(data.join("state.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| c.query_row("SELECT count(*) FROM snapshot_progress", [], |r| r.get::<_, i64>(0)))
+                .unwrap_or(0);
+        (n > 0).then_some(())
     })
     .await;
     w.kill9();
@@ -312,6 +319,44 @@ async fn existing_orders_are_loaded_by_the_initial_snapshot_even_after_a_kill_du
         .batch_execute("UPDATE orders SET status = 'paid' WHERE id <= 5")
         .await
         .unwrap();
-    let _w = Worker::start(&cfg, &data);
+    let w2 = Worker::start(&cfg, &data);
     converge_orders(&shop, &Remembered::default(), Duration::from_secs(120)).await;
+    let log = w2.log_text();
+    assert!(
+        !log.contains("creating replication slot"),
+        "resumed on the same slots, not started over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_loads_existing_data_then_run_streams_on() {
+    let shop = Shop::new("backfill").await;
+    seed(&shop, 300).await;
+    let cfg = shop.config("");
+    let data = shop.data_dir.path().join("data");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["backfill", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mem = Remembered::default();
+    // Everything is there when backfill exits, before any worker runs.
+    matches_truth(&shop, &mem).await.unwrap();
+    // Changes made between backfill and run are streamed from the slot.
+    shop.pg("catalog")
+        .await
+        .batch_execute("UPDATE products SET name = 'after backfill' WHERE id = 3")
+        .await
+        .unwrap();
+    shop.pg("ordering")
+        .await
+        .batch_execute("DELETE FROM order_items WHERE order_id = 7")
+        .await
+        .unwrap();
+    let _w = shop.worker(&cfg).await;
+    converge_orders(&shop, &mem, T).await;
+    converge(&shop, T).await;
 }

@@ -21,6 +21,29 @@ pub struct SourceBatch {
     /// Data of these transactions that could not be turned into changes.
     pub dead_letters: Vec<SourceDeadLetter>,
     pub checkpoint: Position,
+    /// Set on the batches of an initial snapshot.
+    pub snapshot: Option<SnapshotMark>,
+}
+
+/// Progress of an initial snapshot, carried by its batches and stored by the engine in
+/// the same transaction as their rows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SnapshotMark {
+    /// A snapshot starts from scratch (a new slot): forget earlier progress.
+    Begin,
+    /// The batch holds the rows of `table` up to `last_key` (the key columns' texts).
+    Chunk { table: String, last_key: Vec<String> },
+    /// `table` is read completely.
+    TableDone { table: String },
+    /// Every table is read; the batch's checkpoint is the slot's consistent point.
+    Complete,
+}
+
+/// Where a source's interrupted snapshot stands, per table.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TableProgress {
+    pub last_key: Option<Vec<String>>,
+    pub done: bool,
 }
 
 /// A change the source could not decode: kept with its reason, never dropped silently.

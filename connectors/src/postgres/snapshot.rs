@@ -1,24 +1,25 @@
 //! Initial snapshot: when a source's slot is created, the rows that already exist are
-//! read under the slot's exported snapshot, so that streaming from the slot continues
-//! exactly where the snapshot ends: nothing lost, nothing doubled in effect (what
-//! Debezium calls `snapshot.mode = initial`).
+//! read, so that the read models start complete (Debezium's `snapshot.mode = initial`).
 //!
-//! Rows are read in text format through a cursor (bounded memory), converted with the
-//! same rules as pgoutput values, and sent as upserts at the position
-//! `(consistent point, 0)`, below every streamed change. Every snapshot batch carries the
-//! zero checkpoint except the last, which carries the consistent point: a crash in the
-//! middle leaves no checkpoint, and the next start takes a fresh snapshot.
+//! The slot is created first; its consistent point `cp` is where streaming resumes.
+//! Each table is then read in primary-key order in chunks (keyset pagination:
+//! `WHERE (pk) > (last) ORDER BY pk LIMIT n`), each chunk one batch, sent as upserts at
+//! the position `(cp, 0)`, below every streamed change. The reads are not under one
+//! snapshot, and need not be: every change committed after `cp` is streamed afterwards
+//! and applied on top (it has a higher position), so the state converges to the
+//! database's. Each batch carries its progress (table, last key), which the engine
+//! stores with the rows, so an interrupted snapshot resumes after the last stored chunk.
+//! Only the final batch carries the checkpoint `cp`.
 
 use super::decode::TableBinding;
 use super::values;
 use crate::source::{SourceBatch, SourceDeadLetter};
 use serde_json::Value;
-use std::collections::HashMap;
 use tokio_postgres::{Client, SimpleQueryMessage};
 use viewkeeper_projections::model::{Cell, Change, Key, Op, Position};
 
-/// Rows per FETCH, and so per batch sent to the engine.
-pub const FETCH_ROWS: usize = 2_000;
+/// Default rows per chunk, and so per batch sent to the engine.
+pub const CHUNK_ROWS: usize = 2_000;
 
 /// Session settings that make text output match the replication session's.
 pub const SESSION_SETTINGS: &str =
@@ -77,74 +78,117 @@ pub fn row_change(
     })
 }
 
-/// Reads every configured table under `snapshot` and hands the rows to `send` in
-/// batches of [`FETCH_ROWS`]. Returns the number of rows read.
-pub async fn read_tables<F, Fut>(
+/// One table's columns: name, type OID, SQL type (for casting key literals).
+pub struct TableColumns {
+    pub cols: Vec<(String, u32, String)>,
+    /// Index in `cols` of each primary-key column.
+    pub pk: Vec<usize>,
+}
+
+pub async fn columns(c: &Client, table: &str, binding: &TableBinding) -> Result<TableColumns, String> {
+    let rows = c
+        .query(
+            "SELECT attname::text, atttypid::oid, format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&qualified(table)],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let cols: Vec<(String, u32, String)> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1), r.get::<_, String>(2)))
+        .collect();
+    let pk = binding
+        .primary_key
+        .iter()
+        .map(|k| cols.iter().position(|(n, _, _)| n == k))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            format!(
+                "{table}: primary_key {:?} is not among its columns",
+                binding.primary_key
+            )
+        })?;
+    Ok(TableColumns { cols, pk })
+}
+
+fn qualified(table: &str) -> String {
+    table.split('.').map(quote_ident).collect::<Vec<_>>().join(".")
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The keyset query for the chunk after `last` (the key's column texts).
+pub fn chunk_query(table: &str, tc: &TableColumns, last: Option<&[String]>, limit: usize) -> String {
+    let list = tc
+        .cols
+        .iter()
+        .map(|(n, _, _)| quote_ident(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let pk = tc
+        .pk
+        .iter()
+        .map(|&i| quote_ident(&tc.cols[i].0))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = match last {
+        None => String::new(),
+        Some(vals) => {
+            let lits = tc
+                .pk
+                .iter()
+                .zip(vals)
+                .map(|(&i, v)| format!("{}::{}", literal(v), tc.cols[i].2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(" WHERE ({pk}) > ({lits})")
+        }
+    };
+    format!(
+        "SELECT {list} FROM {}{filter} ORDER BY {pk} LIMIT {limit}",
+        qualified(table)
+    )
+}
+
+/// Reads the chunk after `last`: the changes (or dead letters) and the new last key
+/// (`None` when the table is exhausted).
+#[allow(clippy::type_complexity)]
+pub async fn read_chunk(
     c: &Client,
     source: &str,
-    snapshot: &str,
-    tables: &HashMap<String, TableBinding>,
+    (table, binding, tc): (&str, &TableBinding, &TableColumns),
+    last: Option<&[String]>,
     position: Position,
-    mut send: F,
-) -> Result<u64, tokio_postgres::Error>
-where
-    F: FnMut(SourceBatch) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    c.batch_execute(SESSION_SETTINGS).await?;
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await?;
-    c.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot.replace('\'', "''")))
-        .await?;
-    let mut total = 0;
-    let mut names: Vec<&String> = tables.keys().collect();
-    names.sort();
-    for table in names {
-        let binding = &tables[table];
-        let cols: Vec<(String, u32)> = c
-            .query(
-                "SELECT attname::text, atttypid::oid FROM pg_attribute
-                 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                &[&table.split('.').map(quote_ident).collect::<Vec<_>>().join(".")],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
-            .collect();
-        let list = cols.iter().map(|(n, _)| quote_ident(n)).collect::<Vec<_>>().join(", ");
-        let qualified = table.split('.').map(quote_ident).collect::<Vec<_>>().join(".");
-        c.batch_execute(&format!(
-            "DECLARE vk_snapshot NO SCROLL CURSOR FOR SELECT {list} FROM {qualified}"
-        ))
-        .await?;
-        loop {
-            let msgs = c.simple_query(&format!("FETCH {FETCH_ROWS} FROM vk_snapshot")).await?;
-            let mut batch = SourceBatch {
-                source: source.to_string(),
-                ..Default::default()
-            };
-            for m in &msgs {
-                if let SimpleQueryMessage::Row(r) = m {
-                    let texts: Vec<Option<&str>> = (0..cols.len()).map(|i| r.get(i)).collect();
-                    match row_change(binding, table, &cols, &texts, position) {
-                        Ok(ch) => batch.changes.push(ch),
-                        Err(dl) => batch.dead_letters.push(dl),
-                    }
-                }
+    limit: usize,
+) -> Result<(SourceBatch, Option<Vec<String>>), String> {
+    let msgs = c
+        .simple_query(&chunk_query(table, tc, last, limit))
+        .await
+        .map_err(|e| format!("{table}: {e}"))?;
+    let mut batch = SourceBatch {
+        source: source.to_string(),
+        ..Default::default()
+    };
+    let cols: Vec<(String, u32)> = tc.cols.iter().map(|(n, o, _)| (n.clone(), *o)).collect();
+    let mut next = None;
+    for m in &msgs {
+        if let SimpleQueryMessage::Row(r) = m {
+            let texts: Vec<Option<&str>> = (0..cols.len()).map(|i| r.get(i)).collect();
+            match row_change(binding, table, &cols, &texts, position) {
+                Ok(ch) => batch.changes.push(ch),
+                Err(dl) => batch.dead_letters.push(dl),
             }
-            let n = batch.changes.len() + batch.dead_letters.len();
-            total += n as u64;
-            if n == 0 {
-                break;
-            }
-            if !send(batch).await {
-                return Ok(total);
-            }
+            next = tc
+                .pk
+                .iter()
+                .map(|&i| texts[i].map(str::to_string))
+                .collect::<Option<Vec<_>>>();
         }
-        c.batch_execute("CLOSE vk_snapshot").await?;
     }
-    c.batch_execute("COMMIT").await?;
-    Ok(total)
+    Ok((batch, next))
 }
 
 #[cfg(test)]
@@ -186,5 +230,31 @@ mod tests {
         assert!(bad.reason.contains("column price"), "{}", bad.reason);
         let nokey = row_change(&b, "public.products", &cols, &[None, None, None], Position::new(9, 0)).unwrap_err();
         assert!(nokey.reason.contains("primary key"));
+    }
+}
+
+#[cfg(test)]
+mod keyset_tests {
+    use super::*;
+
+    #[test]
+    fn chunk_queries_page_by_primary_key() {
+        let tc = TableColumns {
+            cols: vec![
+                ("order_id".into(), 20, "bigint".into()),
+                ("line_no".into(), 23, "integer".into()),
+                ("qty".into(), 23, "integer".into()),
+            ],
+            pk: vec![0, 1],
+        };
+        assert_eq!(
+            chunk_query("public.order_items", &tc, None, 10),
+            "SELECT \"order_id\", \"line_no\", \"qty\" FROM \"public\".\"order_items\" ORDER BY \"order_id\", \"line_no\" LIMIT 10"
+        );
+        let q = chunk_query("public.order_items", &tc, Some(&["7".into(), "o'k".into()]), 10);
+        assert!(
+            q.contains("WHERE (\"order_id\", \"line_no\") > ('7'::bigint, 'o''k'::integer)"),
+            "{q}"
+        );
     }
 }

@@ -15,7 +15,7 @@
 use super::decode::{TableBinding, TxDecoder};
 use super::pgoutput::{self, PgOutputMessage};
 use super::snapshot;
-use crate::source::{SourceBatch, SourceDeadLetter, SourceError};
+use crate::source::{SnapshotMark, SourceBatch, SourceDeadLetter, SourceError, TableProgress};
 use backon::BackoffBuilder;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use std::collections::HashMap;
@@ -38,8 +38,24 @@ pub struct PgSourceSettings {
     pub status_interval: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
-    /// Read the existing rows under the slot's snapshot when the slot is created.
+    /// Read the existing rows when the slot is created (see [`snapshot`]).
     pub initial_snapshot: bool,
+    /// Where an interrupted snapshot stands (from the state store), per table.
+    pub snapshot_progress: HashMap<String, TableProgress>,
+    /// `viewkeeper backfill`: stop once the snapshot is sent instead of streaming.
+    pub stop_after_snapshot: bool,
+    /// Rows per snapshot chunk.
+    pub snapshot_chunk_rows: usize,
+}
+
+/// How a (re)connection starts.
+enum Start {
+    Stream,
+    /// Take (or resume) the initial snapshot; `fresh`: the slot was just created.
+    Snapshot {
+        cp: Position,
+        fresh: bool,
+    },
 }
 
 pub struct PgSource {
@@ -88,10 +104,34 @@ impl PgSource {
             .with_jitter()
             .without_max_times()
             .build();
+        let mut progress = self.s.snapshot_progress.clone();
         loop {
             let acked = (*acks.borrow()).max(checkpoint.unwrap_or_default());
             let result = match self.prepare(acked != Position::ZERO).await {
-                Ok(needs_slot) => self.stream(acked, needs_slot, &tx, &mut acks, &shutdown).await,
+                Ok(Start::Snapshot { cp, fresh }) => {
+                    if fresh {
+                        progress.clear();
+                        let begin = SourceBatch {
+                            source: self.s.name.clone(),
+                            snapshot: Some(SnapshotMark::Begin),
+                            ..Default::default()
+                        };
+                        if !self.send(&tx, &shutdown, begin).await? {
+                            return Ok(());
+                        }
+                    }
+                    match self.snapshot(cp, &mut progress, &tx, &shutdown).await {
+                        Ok(true) if self.s.stop_after_snapshot => return Ok(()),
+                        Ok(true) => self.stream(cp, &tx, &mut acks, &shutdown).await,
+                        Ok(false) => return Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(Start::Stream) if self.s.stop_after_snapshot => {
+                    info!(source = %self.s.name, "already loaded (the state store has a checkpoint): nothing to backfill");
+                    return Ok(());
+                }
+                Ok(Start::Stream) => self.stream(acked, &tx, &mut acks, &shutdown).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -110,8 +150,7 @@ impl PgSource {
     }
 
     /// Checks the server and creates the publication and slot when missing.
-    /// `Ok(true)`: the slot must be created with an exported snapshot.
-    async fn prepare(&self, has_checkpoint: bool) -> Result<bool, SourceError> {
+    async fn prepare(&self, has_checkpoint: bool) -> Result<Start, SourceError> {
         let (client, conn) = tokio_postgres::connect(&self.s.url, NoTls)
             .await
             .map_err(|e| self.transient(format!("cannot connect: {e}")))?;
@@ -122,7 +161,7 @@ impl PgSource {
         r
     }
 
-    async fn prepare_on(&self, c: &tokio_postgres::Client, has_checkpoint: bool) -> Result<bool, SourceError> {
+    async fn prepare_on(&self, c: &tokio_postgres::Client, has_checkpoint: bool) -> Result<Start, SourceError> {
         let sql = |e: tokio_postgres::Error| self.transient(format!("query failed: {e}"));
         let wal: String = c.query_one("SHOW wal_level", &[]).await.map_err(sql)?.get(0);
         if wal != "logical" {
@@ -200,7 +239,8 @@ impl PgSource {
         }
         let slot = c
             .query_opt(
-                "SELECT plugin, coalesce(wal_status, ''), database FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT plugin, coalesce(wal_status, ''), database, coalesce(confirmed_flush_lsn, '0/0')::text
+                 FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.s.slot],
             )
             .await
@@ -211,22 +251,28 @@ impl PgSource {
                  Rebuild with `viewkeeper backfill` (or drop the data dir to start over); viewkeeper never silently restarts from a new slot",
                 self.s.slot
             ))),
-            None if self.s.initial_snapshot => Ok(true),
-            Some(_) if !has_checkpoint && self.s.initial_snapshot => {
-                // A slot without a checkpoint: a previous start died before its initial
-                // snapshot was complete (nothing was acknowledged), so start it over.
-                info!(source = %self.s.name, slot = %self.s.slot, "slot has no checkpoint: dropping it to take the initial snapshot again");
-                c.query_one("SELECT pg_drop_replication_slot($1)", &[&self.s.slot])
+            Some(r) if !has_checkpoint && self.s.initial_snapshot => {
+                // No checkpoint yet: the initial snapshot is not complete. Resume it.
+                let lsn: String = r.get(3);
+                let cp = Lsn::parse(&lsn).map_err(|e| self.fatal(format!("slot {}: bad confirmed_flush_lsn {lsn}: {e}", self.s.slot)))?;
+                Ok(Start::Snapshot { cp: Position::new(cp.as_u64(), 0), fresh: false })
+            }
+            None if self.s.initial_snapshot => {
+                info!(source = %self.s.name, slot = %self.s.slot, "creating replication slot");
+                let lsn: String = c
+                    .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&self.s.slot])
                     .await
-                    .map_err(|e| self.transient(format!("cannot drop slot {} (still in use?): {e}", self.s.slot)))?;
-                Ok(true)
+                    .map_err(|e| self.fatal(format!("cannot create replication slot {}: {e}", self.s.slot)))?
+                    .get(0);
+                let cp = Lsn::parse(&lsn).map_err(|e| self.fatal(format!("slot {}: bad lsn {lsn}: {e}", self.s.slot)))?;
+                Ok(Start::Snapshot { cp: Position::new(cp.as_u64(), 0), fresh: true })
             }
             None => {
                 info!(source = %self.s.name, slot = %self.s.slot, "creating replication slot");
                 c.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&self.s.slot])
                     .await
                     .map_err(|e| self.fatal(format!("cannot create replication slot {}: {e}", self.s.slot)))?;
-                Ok(false)
+                Ok(Start::Stream)
             }
             Some(r) => {
                 let plugin: String = r.get(0);
@@ -243,7 +289,7 @@ impl PgSource {
                         self.s.slot
                     )));
                 }
-                Ok(false)
+                Ok(Start::Stream)
             }
         }
     }
@@ -287,27 +333,14 @@ impl PgSource {
     async fn stream(
         &self,
         from: Position,
-        needs_slot: bool,
         tx: &mpsc::Sender<SourceBatch>,
         acks: &mut watch::Receiver<Position>,
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
         let mut last_sent = from;
-        let mut client = if needs_slot {
-            let mut client = ReplicationClient::connect_gated(self.replication_config(Position::ZERO)?)
-                .await
-                .map_err(|e| self.classify(e))?;
-            let Some(cp) = self.initial_snapshot(&mut client, tx, shutdown).await? else {
-                return Ok(()); // shutdown during the snapshot: it starts over next time
-            };
-            last_sent = cp;
-            client.start().await.map_err(|e| self.classify(e))?;
-            client
-        } else {
-            ReplicationClient::connect(self.replication_config(from)?)
-                .await
-                .map_err(|e| self.classify(e))?
-        };
+        let mut client = ReplicationClient::connect(self.replication_config(from)?)
+            .await
+            .map_err(|e| self.classify(e))?;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = client.wait_started() => r.map_err(|e| self.classify(e))?,
@@ -375,7 +408,7 @@ impl PgSource {
                                             ..Default::default()
                                         },
                                     )
-                                    .await?
+                                    .await?;
                                 }
                             }
                             continue;
@@ -410,7 +443,9 @@ impl PgSource {
                     };
                     batch.checkpoint = Position::new(end_lsn.as_u64(), 0);
                     last_sent = batch.checkpoint;
-                    self.send(tx, shutdown, batch).await?;
+                    if !self.send(tx, shutdown, batch).await? {
+                        return Ok(());
+                    }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     let at = Position::new(wal_end.as_u64(), 0);
@@ -439,77 +474,105 @@ impl PgSource {
         }
     }
 
-    /// Creates the slot with an exported snapshot on the gated replication session and
-    /// reads every table under it. Returns the slot's consistent point, already sent to
-    /// the engine as the checkpoint; `None` on shutdown.
-    async fn initial_snapshot(
+    /// Reads every table not yet done, chunk by chunk, resuming after `progress`, then
+    /// sends the final batch with the checkpoint `cp`. `Ok(false)`: shutdown.
+    async fn snapshot(
         &self,
-        client: &mut ReplicationClient,
+        cp: Position,
+        progress: &mut HashMap<String, TableProgress>,
         tx: &mpsc::Sender<SourceBatch>,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Position>, SourceError> {
-        let rows = client
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                quote_ident(&self.s.slot)
-            ))
-            .await
-            .map_err(|e| self.fatal(format!("cannot create replication slot {}: {e}", self.s.slot)))?;
-        let text = |i: usize| {
-            rows.first()
-                .and_then(|r| r.get(i))
-                .and_then(|v| v.as_ref())
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-        };
-        let (Some(cp), Some(snapshot)) = (text(1).and_then(|l| Lsn::parse(&l).ok()), text(2)) else {
-            return Err(self.fatal("CREATE_REPLICATION_SLOT answered without consistent point or snapshot"));
-        };
-        let cp = Position::new(cp.as_u64(), 0);
-        info!(source = %self.s.name, slot = %self.s.slot, consistent_point = %cp, %snapshot, "slot created; reading the initial snapshot");
+    ) -> Result<bool, SourceError> {
         let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls)
             .await
             .map_err(|e| self.transient(format!("cannot connect for the snapshot: {e}")))?;
         let conn_task = tokio::spawn(conn);
-        let started = std::time::Instant::now();
-        let stopped = std::sync::atomic::AtomicBool::new(false);
-        let rows = snapshot::read_tables(&c, &self.s.name, &snapshot, &self.s.tables, cp, |b| {
-            let (tx, sd, stopped) = (tx.clone(), shutdown.clone(), &stopped);
-            async move {
-                let ok = tokio::select! {
-                    _ = sd.cancelled() => false,
-                    r = tx.send(b) => r.is_ok(),
-                };
-                stopped.store(!ok, std::sync::atomic::Ordering::Relaxed);
-                ok
-            }
-        })
-        .await
-        .map_err(|e| self.transient(format!("initial snapshot failed: {e}")));
+        let r = self.snapshot_on(&c, cp, progress, tx, shutdown).await;
         drop(c);
         let _ = conn_task.await;
-        let rows = rows?;
-        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(None);
-        }
-        info!(source = %self.s.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
-        let done = SourceBatch {
-            source: self.s.name.clone(),
-            checkpoint: cp,
-            ..Default::default()
-        };
-        self.send(tx, shutdown, done).await?;
-        Ok(Some(cp))
+        r
     }
 
+    async fn snapshot_on(
+        &self,
+        c: &tokio_postgres::Client,
+        cp: Position,
+        progress: &mut HashMap<String, TableProgress>,
+        tx: &mpsc::Sender<SourceBatch>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SourceError> {
+        let err = |e: String| self.transient(format!("initial snapshot: {e}"));
+        c.batch_execute(snapshot::SESSION_SETTINGS)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut tables: Vec<&String> = self.s.tables.keys().collect();
+        tables.sort();
+        let started = std::time::Instant::now();
+        let mut rows = 0u64;
+        info!(source = %self.s.name, consistent_point = %cp, "initial snapshot: reading existing rows");
+        for table in tables {
+            let p = progress.entry(table.clone()).or_default();
+            if p.done {
+                continue;
+            }
+            let binding = &self.s.tables[table];
+            let tc = snapshot::columns(c, table, binding).await.map_err(&err)?;
+            loop {
+                let (mut batch, next) = snapshot::read_chunk(
+                    c,
+                    &self.s.name,
+                    (table, binding, &tc),
+                    p.last_key.as_deref(),
+                    cp,
+                    self.s.snapshot_chunk_rows,
+                )
+                .await
+                .map_err(&err)?;
+                let Some(next) = next else { break };
+                rows += (batch.changes.len() + batch.dead_letters.len()) as u64;
+                batch.snapshot = Some(SnapshotMark::Chunk {
+                    table: table.clone(),
+                    last_key: next.clone(),
+                });
+                if !self.send(tx, shutdown, batch).await? {
+                    return Ok(false);
+                }
+                p.last_key = Some(next);
+            }
+            let done = SourceBatch {
+                source: self.s.name.clone(),
+                snapshot: Some(SnapshotMark::TableDone { table: table.clone() }),
+                ..Default::default()
+            };
+            if !self.send(tx, shutdown, done).await? {
+                return Ok(false);
+            }
+            p.done = true;
+            info!(source = %self.s.name, %table, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot: table read");
+        }
+        let complete = SourceBatch {
+            source: self.s.name.clone(),
+            checkpoint: cp,
+            snapshot: Some(SnapshotMark::Complete),
+            ..Default::default()
+        };
+        if !self.send(tx, shutdown, complete).await? {
+            return Ok(false);
+        }
+        info!(source = %self.s.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
+        Ok(true)
+    }
+
+    /// Hands a batch to the engine (waiting for room); `Ok(false)` on shutdown.
     async fn send(
         &self,
         tx: &mpsc::Sender<SourceBatch>,
         shutdown: &CancellationToken,
         b: SourceBatch,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         tokio::select! {
-            _ = shutdown.cancelled() => Ok(()),
-            r = tx.send(b) => r.map_err(|_| self.transient("engine stopped")),
+            _ = shutdown.cancelled() => Ok(false),
+            r = tx.send(b) => r.map(|_| true).map_err(|_| self.transient("engine stopped")),
         }
     }
 
