@@ -235,7 +235,19 @@ impl Engine {
         let mut backoff = self.backoff();
         loop {
             let sink = self.sinks[&self.projections[pi].spec.sink].clone();
-            let e = match sink.write(&self.projections[pi], docs).await {
+            // A rebuild in progress (maybe in another process) fills a new index: write
+            // there too. Read after this batch was applied, so the rebuild's own render
+            // (which starts after it registered) covers everything written before.
+            let name = self.projections[pi].name.clone();
+            let extra = tokio::task::block_in_place(|| self.store.rebuild_target(&name))?;
+            let r = match sink.write(&self.projections[pi], docs).await {
+                Ok(r) => match (&*sink, extra) {
+                    (Sink::Search(s), Some(ix)) => s.write_target(&ix, false, docs).await.map(|r2| [r, r2].concat()),
+                    _ => Ok(r),
+                },
+                Err(e) => Err(e),
+            };
+            let e = match r {
                 Ok(r) => return Ok(Some(r)),
                 Err(e) => e,
             };
@@ -260,11 +272,23 @@ impl Engine {
     /// projection from the state store (after the search server lost its data, or when
     /// the index was created anew over a non-empty state store). `false`: shutdown.
     pub async fn resync_projection(&mut self, pi: usize, shutdown: &CancellationToken) -> Result<bool, EngineError> {
+        self.render_all(pi, None, shutdown).await
+    }
+
+    /// Renders every document of projection `pi` from the state store and writes it
+    /// through the alias, or into the concrete index `target` (a rebuild). Logs progress
+    /// with rate and ETA. `false`: shutdown.
+    pub async fn render_all(
+        &mut self,
+        pi: usize,
+        target: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, EngineError> {
         const CHUNK: usize = 500;
         let mut backoff = self.backoff();
         'again: loop {
             let sink = self.sinks[&self.projections[pi].spec.sink].clone();
-            if let (Sink::Search(s), Some(ix)) = (&*sink, &self.projections[pi].spec.index) {
+            if let (Sink::Search(s), Some(ix), None) = (&*sink, &self.projections[pi].spec.index, target) {
                 if let Err(e) = s.ensure_index(ix).await {
                     let delay = backoff.next().unwrap_or(self.retry_max);
                     warn!(projection = %self.projections[pi].name, error = %e, "cannot create the index; retrying");
@@ -277,8 +301,17 @@ impl Engine {
             }
             let root = self.projections[pi].root_table().to_string();
             let keys = tokio::task::block_in_place(|| self.store.keys(&root))?;
-            info!(projection = %self.projections[pi].name, documents = keys.len(), "re-writing every document");
-            for chunk in keys.chunks(CHUNK) {
+            info!(projection = %self.projections[pi].name, documents = keys.len(), target = target.unwrap_or("alias"), "re-writing every document");
+            let started = std::time::Instant::now();
+            let mut last_log = started;
+            for (ci, chunk) in keys.chunks(CHUNK).enumerate() {
+                let done = ci * CHUNK;
+                if last_log.elapsed() >= Duration::from_secs(2) {
+                    last_log = std::time::Instant::now();
+                    let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                    let eta_s = (keys.len() - done) as f64 / rate.max(1e-3);
+                    info!(projection = %self.projections[pi].name, done, total = keys.len(), docs_per_s = rate as u64, eta_s = eta_s as u64, "rendering");
+                }
                 let (docs, letters) = tokio::task::block_in_place(|| -> Result<_, EngineError> {
                     let tx = self.store.begin()?;
                     let first = tx.next_versions(chunk.len() as u64)?;
@@ -288,7 +321,11 @@ impl Engine {
                     Ok((docs, letters))
                 })?;
                 loop {
-                    match sink.write(&self.projections[pi], &docs).await {
+                    let r = match (&*sink, target) {
+                        (Sink::Search(s), Some(ix)) => s.write_target(ix, false, &docs).await,
+                        _ => sink.write(&self.projections[pi], &docs).await,
+                    };
+                    match r {
                         Ok(rejections) => {
                             let mut letters = letters;
                             letters.extend(

@@ -31,11 +31,19 @@ enum Cmd {
     /// Initial load: read the existing rows of every source that has no checkpoint yet
     /// (resumable chunk by chunk), write every document once, and exit. Then `run`
     /// streams on from exactly where the load ended.
+    ///
+    /// With `--projection P --rebuild`: render P from the state store into a new
+    /// versioned index while `run` keeps streaming, then swap the alias atomically.
+    /// With `--projection P` alone: re-write every document of P through its alias.
     Backfill {
         #[arg(long, short)]
         config: PathBuf,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        #[arg(long)]
+        projection: Option<String>,
+        #[arg(long, requires = "projection")]
+        rebuild: bool,
     },
     /// Load and validate a config file; print it with secrets redacted.
     CheckConfig {
@@ -65,7 +73,25 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
-        Cmd::Backfill { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Backfill),
+        Cmd::Backfill {
+            config,
+            data_dir,
+            projection: None,
+            ..
+        } => run(config, data_dir, viewkeeper::worker::Mode::Backfill),
+        Cmd::Backfill {
+            config,
+            data_dir,
+            projection: Some(p),
+            rebuild,
+        } => run(
+            config,
+            data_dir,
+            viewkeeper::worker::Mode::Rebuild {
+                projection: p,
+                new_index: rebuild,
+            },
+        ),
     }
 }
 
@@ -86,7 +112,12 @@ fn run(config: PathBuf, data_dir: Option<PathBuf>, mode: viewkeeper::worker::Mod
             tracing::info!("shutdown signal received");
             sd.cancel();
         });
-        viewkeeper::worker::run(cfg, &data_dir, mode, shutdown).await
+        match mode {
+            viewkeeper::worker::Mode::Rebuild { projection, new_index } => {
+                viewkeeper::worker::rebuild(cfg, &data_dir, &projection, new_index, shutdown).await
+            }
+            mode => viewkeeper::worker::run(cfg, &data_dir, mode, shutdown).await,
+        }
     })
 }
 

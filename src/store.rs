@@ -263,6 +263,28 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The index a running rebuild of `projection` fills, if any: the worker writes its
+    /// documents there too, so nothing written during the rebuild is missing after the swap.
+    pub fn rebuild_target(&self, projection: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT v FROM meta WHERE k = ?1")?
+            .query_row(params![format!("rebuild:{projection}")], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_rebuild_target(&mut self, projection: &str, index: Option<&str>) -> Result<(), StoreError> {
+        let k = format!("rebuild:{projection}");
+        match index {
+            Some(i) => self.conn.execute(
+                "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                params![k, i],
+            )?,
+            None => self.conn.execute("DELETE FROM meta WHERE k = ?1", params![k])?,
+        };
+        Ok(())
+    }
+
     pub fn dead_letter_count(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn

@@ -117,7 +117,7 @@ async fn connect_search(
 }
 
 /// What the worker is started for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// `viewkeeper run`: snapshot new slots, then stream until shutdown.
     Run,
@@ -125,6 +125,8 @@ pub enum Mode {
     /// has none yet, render every document once, checkpoint, exit. `run` then streams on
     /// from exactly the snapshot's position.
     Backfill,
+    /// `viewkeeper backfill --projection P [--rebuild]`: see [`rebuild`].
+    Rebuild { projection: String, new_index: bool },
 }
 
 /// Runs the worker until `shutdown` fires or a fatal error occurs (or, for
@@ -231,5 +233,101 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
     if let Some(e) = fatal {
         bail!(e);
     }
+    Ok(())
+}
+
+/// `viewkeeper backfill --projection P [--rebuild]`: with `rebuild`, renders P from the
+/// state store into a new versioned index (`{alias}_v{N+1}`, or the configured version
+/// when higher) while a running worker keeps writing the live one and, through the
+/// registration in the state store, the new one too; then refreshes it and swaps the
+/// alias in one `_aliases` call. Without `rebuild`, re-writes every document of P
+/// through its alias. Works beside a running `viewkeeper run` on the same data dir
+/// (SQLite serializes the two processes' writes).
+pub async fn rebuild(
+    cfg: Config,
+    data_dir: &Path,
+    projection: &str,
+    new_index: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (projections, catalog) = compile(&cfg)?;
+    let Some(pi) = projections.iter().position(|p| p.name == projection) else {
+        bail!(
+            "unknown projection '{projection}' (declared: {})",
+            projections
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let store =
+        Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
+    let Some((sinks, _)) = connect_sinks(&cfg, &shutdown).await? else {
+        return Ok(());
+    };
+    let mut engine = Engine {
+        store,
+        projections,
+        sinks,
+        acks: BTreeMap::new(),
+        max_batch_changes: cfg.engine.max_batch_changes,
+        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
+        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+        stats: Default::default(),
+        resync: vec![],
+        defer_snapshot_render: false,
+        held: BTreeMap::new(),
+    };
+    let started = std::time::Instant::now();
+    if !new_index {
+        engine.render_all(pi, None, &shutdown).await?;
+        info!(
+            projection,
+            documents = engine.stats.documents,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "re-written"
+        );
+        return Ok(());
+    }
+    let p = engine.projections[pi].clone();
+    let (Some(ix), Sink::Search(search)) = (&p.spec.index, &*engine.sinks[&p.spec.sink].clone()) else {
+        bail!("projection '{projection}' does not write to a search index: only search projections can be rebuilt into a new index");
+    };
+    let search: &SearchSink = search;
+    let old = search.alias_target(&ix.alias).await?;
+    let current = old
+        .as_deref()
+        .and_then(|o| o.rsplit_once("_v"))
+        .and_then(|(_, v)| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    let new = format!("{}_v{}", ix.alias, (current + 1).max(ix.version));
+    let registered = engine.store.rebuild_target(projection)?;
+    if registered.as_deref() == Some(new.as_str()) {
+        info!(projection, index = %new, "resuming an interrupted rebuild into its index");
+    } else {
+        search.create_index(&new, ix).await?;
+        engine.store.set_rebuild_target(projection, Some(&new))?;
+    }
+    info!(projection, alias = %ix.alias, from = old.as_deref().unwrap_or("-"), to = %new, "rebuilding");
+    if !engine.render_all(pi, Some(&new), &shutdown).await? {
+        return Ok(()); // interrupted: the registration stays, a rerun resumes
+    }
+    search.refresh(&new).await?;
+    let (before, after) = (search.count(&ix.alias).await.unwrap_or(0), search.count(&new).await?);
+    search.swap_alias(&ix.alias, old.as_deref(), &new).await?;
+    engine.store.set_rebuild_target(projection, None)?;
+    if let (Some(old), false) = (old.as_deref(), ix.keep_old_index) {
+        search.delete_index(old).await?;
+    }
+    info!(
+        projection,
+        alias = %ix.alias,
+        index = %new,
+        documents_before = before,
+        documents_after = after,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "alias swapped"
+    );
     Ok(())
 }

@@ -360,3 +360,92 @@ async fn backfill_loads_existing_data_then_run_streams_on() {
     converge_orders(&shop, &mem, T).await;
     converge(&shop, T).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_with_a_changed_mapping_swaps_the_alias_without_a_dip() {
+    let shop = Shop::new("rebuild").await;
+    let cfg = shop.config("");
+    let _w = shop.worker(&cfg).await;
+    let mem = Remembered::default();
+    seed(&shop, 150).await;
+    converge_orders(&shop, &mem, T).await;
+
+    // A changed mapping: the customer's email becomes searchable text.
+    let new_cfg = shop.data_dir.path().join("changed.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let changed = text.replace(
+        "email = { type = \"keyword\" }",
+        "email = { type = \"text\", fields = { keyword = { type = \"keyword\" } } }",
+    );
+    assert_ne!(text, changed);
+    std::fs::write(&new_cfg, changed).unwrap();
+
+    // Readers poll the alias's count all along; writers keep changing orders.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (stop, url) = (stop.clone(), format!("{}/{}/_count", servers().search, shop.alias()));
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut min = u64::MAX;
+            let mut polls = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let v: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+                min = min.min(v["count"].as_u64().unwrap_or(0));
+                polls += 1;
+            }
+            (min, polls)
+        })
+    };
+    let writer = {
+        let o = shop.pg("ordering").await;
+        tokio::spawn(async move {
+            for i in 0..30 {
+                o.batch_execute(&format!(
+                    "UPDATE orders SET status = 'shipped' WHERE id % 30 = {i};
+                     INSERT INTO orders VALUES ({}, 1, 'new', 1, NULL, now(), now())",
+                    1000 + i
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["backfill", "--projection", "orders_view", "--rebuild", "--config"])
+        .arg(&new_cfg)
+        .arg("--data-dir")
+        .arg(shop.data_dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    writer.await.unwrap();
+    converge_orders(&shop, &mem, T).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (min, polls) = poller.await.unwrap();
+    assert!(polls > 3, "the reader polled during the rebuild ({polls} polls)");
+    assert!(min >= 150, "the alias dipped to {min} documents");
+
+    let http = reqwest::Client::new();
+    let aliases: serde_json::Value = http
+        .get(format!("{}/_alias/{}", servers().search, shop.alias()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let v2 = format!("{}_v2", shop.alias());
+    assert!(aliases.get(&v2).is_some(), "alias now on {v2}: {aliases}");
+    let mapping: serde_json::Value = http
+        .get(format!("{}/{v2}/_mapping", servers().search))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        mapping[&v2]["mappings"]["properties"]["customer"]["properties"]["email"]["type"],
+        json!("text")
+    );
+}

@@ -149,6 +149,13 @@ pub struct IndexSpec {
     pub settings: Value,
     #[serde(default = "empty_object")]
     pub mappings: Value,
+    /// After a rebuild swapped the alias, keep the previous index (default) or drop it.
+    #[serde(default = "keep")]
+    pub keep_old_index: bool,
+}
+
+fn keep() -> bool {
+    true
 }
 
 impl IndexSpec {

@@ -53,10 +53,13 @@ fn is_retryable(status: u16) -> bool {
 }
 
 /// The NDJSON of one document's bulk action.
-fn action_lines(index: &str, d: &SinkDoc, out: &mut Vec<u8>) {
+fn action_lines(index: &str, alias: bool, d: &SinkDoc, out: &mut Vec<u8>) {
     // require_alias: never let a bulk write auto-create a plain index named like the alias
     // (after the search server lost its data); a 404 tells the engine to recreate it.
-    let meta = json!({"_index": index, "_id": d.id, "version": d.version, "version_type": "external_gte", "require_alias": true});
+    let mut meta = json!({"_index": index, "_id": d.id, "version": d.version, "version_type": "external_gte"});
+    if alias {
+        meta["require_alias"] = json!(true);
+    }
     match &d.body {
         Some(body) => {
             serde_json::to_writer(&mut *out, &json!({ "index": meta })).expect("JSON");
@@ -163,6 +166,12 @@ impl SearchSink {
     /// Writes documents into `index` (an alias or index name). See the module docs for
     /// the per-item rules.
     pub async fn write(&self, index: &str, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
+        self.write_target(index, true, docs).await
+    }
+
+    /// Writes into `index`: an alias (`alias = true`: a missing alias is an error, never
+    /// an auto-created index) or a concrete index (a rebuild's new index).
+    pub async fn write_target(&self, index: &str, alias: bool, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
         let mut rejections = Vec::new();
         let mut pending: Vec<&SinkDoc> = docs.iter().collect();
         let mut backoff = backon::ExponentialBuilder::default()
@@ -178,7 +187,7 @@ impl SearchSink {
                 let mut body = Vec::new();
                 let mut end = start;
                 while end < pending.len() && (end == start || body.len() < self.max_bulk_bytes) {
-                    action_lines(index, pending[end], &mut body);
+                    action_lines(index, alias, pending[end], &mut body);
                     end += 1;
                 }
                 let chunk = &pending[start..end];
@@ -208,7 +217,7 @@ impl SearchSink {
                         .cloned()
                         .unwrap_or(Value::Null);
                     let st = res.get("status").and_then(Value::as_u64).unwrap_or(0) as u16;
-                    if st == 404 && d.body.is_some() {
+                    if st == 404 && d.body.is_some() && alias {
                         return Err(SinkError {
                             index_missing: true,
                             ..self.fail(format!(
@@ -251,6 +260,73 @@ impl SearchSink {
         Ok(rejections)
     }
 
+    /// The index behind `alias`, if any.
+    pub async fn alias_target(&self, alias: &str) -> Result<Option<String>, SinkError> {
+        let (status, v) = self.call(Method::Get, &format!("/_alias/{alias}"), None).await?;
+        match status {
+            200 => Ok(v.as_object().and_then(|m| m.keys().next()).cloned()),
+            404 => Ok(None),
+            _ => Err(self.fail(format!("alias lookup answered {status}: {v}"))),
+        }
+    }
+
+    /// Creates `index` (without alias) from the spec's settings and mappings.
+    pub async fn create_index(&self, index: &str, spec: &IndexSpec) -> Result<(), SinkError> {
+        let body = json!({"settings": spec.settings, "mappings": spec.mappings});
+        let (status, v) = self
+            .call(
+                Method::Put,
+                &format!("/{index}"),
+                Some(serde_json::to_vec(&body).expect("JSON")),
+            )
+            .await?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(self.fail(format!("cannot create index {index}: {status} {v}")))
+        }
+    }
+
+    pub async fn refresh(&self, index: &str) -> Result<(), SinkError> {
+        self.call(Method::Post, &format!("/{index}/_refresh"), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn count(&self, index: &str) -> Result<u64, SinkError> {
+        let (status, v) = self.call(Method::Get, &format!("/{index}/_count"), None).await?;
+        v.get("count")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| self.fail(format!("_count answered {status}: {v}")))
+    }
+
+    /// Points `alias` at `new` instead of `old`, in one `_aliases` call (atomic for
+    /// readers: they see the old index or the new one, never neither).
+    pub async fn swap_alias(&self, alias: &str, old: Option<&str>, new: &str) -> Result<(), SinkError> {
+        let mut actions = vec![];
+        if let Some(old) = old {
+            actions.push(json!({"remove": {"index": old, "alias": alias}}));
+        }
+        actions.push(json!({"add": {"index": new, "alias": alias, "is_write_index": true}}));
+        let body = json!({ "actions": actions });
+        let (status, v) = self
+            .call(
+                Method::Post,
+                "/_aliases",
+                Some(serde_json::to_vec(&body).expect("JSON")),
+            )
+            .await?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(self.fail(format!("alias swap answered {status}: {v}")))
+        }
+    }
+
+    pub async fn delete_index(&self, index: &str) -> Result<(), SinkError> {
+        self.call(Method::Delete, &format!("/{index}"), None).await.map(|_| ())
+    }
+
     /// Round-trip check for health reporting.
     pub async fn ping(&self) -> Result<(), SinkError> {
         let (status, v) = self.call(Method::Get, "/", None).await?;
@@ -286,14 +362,14 @@ mod tests {
             tombstoned: false,
         };
         let mut out = Vec::new();
-        action_lines("orders_view", &d, &mut out);
+        action_lines("orders_view", true, &d, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
             "{\"index\":{\"_index\":\"orders_view\",\"_id\":\"7\",\"version\":1882522659926835200,\"version_type\":\"external_gte\",\"require_alias\":true}}\n{\"a\":1}\n"
         );
         let mut out = Vec::new();
-        action_lines("x", &SinkDoc { body: None, ..d }, &mut out);
+        action_lines("x", false, &SinkDoc { body: None, ..d }, &mut out);
         assert!(String::from_utf8(out).unwrap().starts_with("{\"delete\":"));
     }
 
