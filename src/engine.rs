@@ -19,6 +19,7 @@
 use crate::store::{DeadLetter, Store, StoreError};
 use backon::BackoffBuilder;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -301,12 +302,24 @@ impl Engine {
             }
             let root = self.projections[pi].root_table().to_string();
             let keys = tokio::task::block_in_place(|| self.store.keys(&root))?;
-            info!(projection = %self.projections[pi].name, documents = keys.len(), target = target.unwrap_or("alias"), "re-writing every document");
+            info!(projection = %self.projections[pi].name, documents = keys.len(), into = target.unwrap_or("alias"), "re-writing every document");
             let started = std::time::Instant::now();
             let mut last_log = started;
+            // A bar on a terminal; periodic log lines otherwise (and in the worker).
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let b = indicatif::ProgressBar::new(keys.len() as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} docs, {per_sec}, ETA {eta}")
+                        .expect("valid template"),
+                );
+                b.set_message(self.projections[pi].name.clone());
+                b
+            });
             for (ci, chunk) in keys.chunks(CHUNK).enumerate() {
                 let done = ci * CHUNK;
-                if last_log.elapsed() >= Duration::from_secs(2) {
+                if let Some(b) = &bar {
+                    b.set_position(done as u64);
+                } else if last_log.elapsed() >= Duration::from_secs(2) {
                     last_log = std::time::Instant::now();
                     let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
                     let eta_s = (keys.len() - done) as f64 / rate.max(1e-3);
@@ -349,6 +362,9 @@ impl Engine {
                         }
                     }
                 }
+            }
+            if let Some(b) = bar {
+                b.finish();
             }
             return Ok(true);
         }

@@ -306,11 +306,7 @@ async fn existing_orders_are_loaded_by_the_initial_snapshot_resumed_after_a_kill
     let data = shop.data_dir.path().join("data");
     let mut w = Worker::start(&cfg, &data);
     wait_until("some snapshot chunks stored", T, || async {
-        let n =
-            rusqlite::Connection::open_with_flags(data.join("state.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .and_then(|c| c.query_row("SELECT count(*) FROM snapshot_progress", [], |r| r.get::<_, i64>(0)))
-                .unwrap_or(0);
-        (n > 0).then_some(())
+        (stored_chunks(&data) > 0).then_some(())
     })
     .await;
     w.kill9();
@@ -328,19 +324,33 @@ async fn existing_orders_are_loaded_by_the_initial_snapshot_resumed_after_a_kill
     );
 }
 
+/// `viewkeeper backfill` as a child process.
+fn backfill(cfg: &std::path::Path, data: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["backfill", "--config"])
+        .arg(cfg)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Number of snapshot chunks the state store has recorded.
+fn stored_chunks(data: &std::path::Path) -> i64 {
+    rusqlite::Connection::open_with_flags(data.join("state.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row("SELECT count(*) FROM snapshot_progress", [], |r| r.get::<_, i64>(0)))
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_loads_existing_data_then_run_streams_on() {
     let shop = Shop::new("backfill").await;
     seed(&shop, 300).await;
     let cfg = shop.config("");
     let data = shop.data_dir.path().join("data");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["backfill", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = backfill(&cfg, &data).wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mem = Remembered::default();
     // Everything is there when backfill exits, before any worker runs.
@@ -448,4 +458,38 @@ async fn rebuild_with_a_changed_mapping_swaps_the_alias_without_a_dip() {
         mapping[&v2]["mappings"]["properties"]["customer"]["properties"]["email"]["type"],
         json!("text")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_killed_midway_resumes_from_its_last_chunk() {
+    let shop = Shop::new("bfkill").await;
+    seed(&shop, 400).await;
+    let cfg = shop.config("");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("publication = \"", "snapshot_chunk_rows = 40\npublication = \"");
+    std::fs::write(&cfg, text).unwrap();
+    let data = shop.data_dir.path().join("data");
+    let mut first = backfill(&cfg, &data);
+    wait_until("some snapshot chunks stored", T, || async {
+        (stored_chunks(&data) > 0).then_some(())
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL
+    let _ = first.wait();
+    shop.pg("identity")
+        .await
+        .batch_execute("UPDATE customers SET name = 'during' WHERE id = 1")
+        .await
+        .unwrap();
+    let out = backfill(&cfg, &data).wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        !log.contains("creating replication slot"),
+        "resumed, not started over: {log}"
+    );
+    let mem = Remembered::default();
+    let _w = shop.worker(&cfg).await;
+    converge_orders(&shop, &mem, T).await;
 }
