@@ -299,10 +299,7 @@ async fn existing_orders_are_loaded_by_the_initial_snapshot_resumed_after_a_kill
     seed(&shop, 400).await;
     // Small chunks, so that the kill lands between chunks of order_items (1,200 rows).
     let cfg = shop.config("");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("publication = \"", "snapshot_chunk_rows = 50\npublication = \"");
-    std::fs::write(&cfg, text).unwrap();
+    with_chunk_rows(&cfg, 50);
     let data = shop.data_dir.path().join("data");
     let mut w = Worker::start(&cfg, &data);
     wait_until("some snapshot chunks stored", T, || async {
@@ -335,6 +332,15 @@ fn backfill(cfg: &std::path::Path, data: &std::path::Path) -> std::process::Chil
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Sets every source's `snapshot_chunk_rows` in the config file.
+fn with_chunk_rows(cfg: &std::path::Path, n: usize) {
+    let text = std::fs::read_to_string(cfg).unwrap().replace(
+        "publication = \"",
+        &format!("snapshot_chunk_rows = {n}\npublication = \""),
+    );
+    std::fs::write(cfg, text).unwrap();
 }
 
 /// Number of snapshot chunks the state store has recorded.
@@ -465,10 +471,7 @@ async fn backfill_killed_midway_resumes_from_its_last_chunk() {
     let shop = Shop::new("bfkill").await;
     seed(&shop, 400).await;
     let cfg = shop.config("");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("publication = \"", "snapshot_chunk_rows = 40\npublication = \"");
-    std::fs::write(&cfg, text).unwrap();
+    with_chunk_rows(&cfg, 40);
     let data = shop.data_dir.path().join("data");
     let mut first = backfill(&cfg, &data);
     wait_until("some snapshot chunks stored", T, || async {

@@ -116,17 +116,23 @@ impl SearchSink {
         Ok((status, v))
     }
 
+    /// Sends a JSON body; `Ok` only for a 2xx answer, else an error naming `what`.
+    async fn call_ok(&self, method: Method, path: &str, body: &Value, what: &str) -> Result<Value, SinkError> {
+        let (status, v) = self
+            .call(method, path, Some(serde_json::to_vec(body).expect("JSON")))
+            .await?;
+        if (200..300).contains(&status) {
+            Ok(v)
+        } else {
+            Err(self.fail(format!("{what}: {status} {v}")))
+        }
+    }
+
     /// Creates `{alias}_v{version}` with the alias when the alias does not exist yet.
     /// Returns the name of an index behind the alias, and whether it was just created.
     pub async fn ensure_index(&self, spec: &IndexSpec) -> Result<(String, bool), SinkError> {
-        let (status, v) = self.call(Method::Get, &format!("/_alias/{}", spec.alias), None).await?;
-        if status == 200 {
-            if let Some(name) = v.as_object().and_then(|m| m.keys().next()) {
-                return Ok((name.clone(), false));
-            }
-        }
-        if is_retryable(status) {
-            return Err(self.fail(format!("alias lookup answered {status}: {v}")));
+        if let Some(existing) = self.alias_target(&spec.alias).await? {
+            return Ok((existing, false));
         }
         let index = spec.index_name();
         let body = json!({
@@ -145,19 +151,8 @@ impl SearchSink {
             200..=299 => Ok((index, true)),
             400 if v.to_string().contains("already_exists") => {
                 // The index exists without the alias (e.g. created by hand): attach it.
-                let body = json!({"actions": [{"add": {"index": index, "alias": spec.alias, "is_write_index": true}}]});
-                let (s2, v2) = self
-                    .call(
-                        Method::Post,
-                        "/_aliases",
-                        Some(serde_json::to_vec(&body).expect("JSON")),
-                    )
-                    .await?;
-                if (200..300).contains(&s2) {
-                    Ok((index, true))
-                } else {
-                    Err(self.fail(format!("cannot add alias {} to {index}: {s2} {v2}", spec.alias)))
-                }
+                self.swap_alias(&spec.alias, None, &index).await?;
+                Ok((index, true))
             }
             _ => Err(self.fail(format!("cannot create index {index}: {status} {v}"))),
         }
@@ -273,18 +268,14 @@ impl SearchSink {
     /// Creates `index` (without alias) from the spec's settings and mappings.
     pub async fn create_index(&self, index: &str, spec: &IndexSpec) -> Result<(), SinkError> {
         let body = json!({"settings": spec.settings, "mappings": spec.mappings});
-        let (status, v) = self
-            .call(
-                Method::Put,
-                &format!("/{index}"),
-                Some(serde_json::to_vec(&body).expect("JSON")),
-            )
-            .await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(self.fail(format!("cannot create index {index}: {status} {v}")))
-        }
+        self.call_ok(
+            Method::Put,
+            &format!("/{index}"),
+            &body,
+            &format!("cannot create index {index}"),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn refresh(&self, index: &str) -> Result<(), SinkError> {
@@ -308,19 +299,9 @@ impl SearchSink {
             actions.push(json!({"remove": {"index": old, "alias": alias}}));
         }
         actions.push(json!({"add": {"index": new, "alias": alias, "is_write_index": true}}));
-        let body = json!({ "actions": actions });
-        let (status, v) = self
-            .call(
-                Method::Post,
-                "/_aliases",
-                Some(serde_json::to_vec(&body).expect("JSON")),
-            )
-            .await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(self.fail(format!("alias swap answered {status}: {v}")))
-        }
+        self.call_ok(Method::Post, "/_aliases", &json!({ "actions": actions }), "alias swap")
+            .await
+            .map(|_| ())
     }
 
     pub async fn delete_index(&self, index: &str) -> Result<(), SinkError> {
