@@ -2,6 +2,7 @@
 //! [`viewkeeper_projections::model::Change`]s, and sinks that write rendered
 //! documents. Each connector lives in its own folder.
 
+pub mod debezium;
 pub mod elasticsearch;
 pub mod postgres;
 pub mod redis;
