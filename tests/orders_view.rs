@@ -15,30 +15,14 @@ const T: Duration = Duration::from_secs(60);
 
 /// 40 customers, 20 products, `orders` orders of 3 items each.
 async fn seed(shop: &Shop, orders: i64) {
-    shop.pg("identity")
-        .await
-        .batch_execute(
-            "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 40) g",
-        )
-        .await
-        .unwrap();
-    shop.pg("catalog")
-        .await
-        .batch_execute(
-            "INSERT INTO products(id, sku, name, price) SELECT g, 'SKU-' || g, 'Product ' || g, g + 0.5 FROM generate_series(1, 20) g",
-        )
-        .await
-        .unwrap();
-    shop.pg("ordering")
-        .await
-        .batch_execute(&format!(
+    shop.exec("identity", "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 40) g").await;
+    shop.exec("catalog", "INSERT INTO products(id, sku, name, price) SELECT g, 'SKU-' || g, 'Product ' || g, g + 0.5 FROM generate_series(1, 20) g").await;
+    shop.exec("ordering", &format!(
             "INSERT INTO orders SELECT g, 1 + g % 40, (ARRAY['new','paid','shipped'])[1 + g % 3], g * 1.25,
                     jsonb_build_object('city', 'Lisbon', 'zip', g), timestamptz '2026-01-01 10:00:00+00' + g * interval '7 hours', now()
              FROM generate_series(1, {orders}) g;
              INSERT INTO order_items SELECT o, l, 1 + (o + l) % 20, l, 2.50 FROM generate_series(1, {orders}) o, generate_series(1, 3) l;"
-        ))
-        .await
-        .unwrap();
+        )).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,30 +162,24 @@ async fn out_of_order_sources_render_unresolved_and_heal() {
     let _w = shop.worker(&shop.config("")).await;
     let mem = Remembered::default();
     // The order and its items arrive before the customer and the product exist.
-    shop.pg("ordering")
-        .await
-        .batch_execute(
-            "INSERT INTO orders VALUES (1, 77, 'new', 10, NULL, now(), now()), (2, 555, 'new', 5, '{\"deep\": {\"a\": [1, 2]}}', now(), now());
-             INSERT INTO order_items VALUES (1, 1, 999, 1, 10), (2, 1, 999, 2, 2.5)",
-        )
-        .await
-        .unwrap();
+    shop.exec("ordering", "INSERT INTO orders VALUES (1, 77, 'new', 10, NULL, now(), now()), (2, 555, 'new', 5, '{\"deep\": {\"a\": [1, 2]}}', now(), now());
+             INSERT INTO order_items VALUES (1, 1, 999, 1, 10), (2, 1, 999, 2, 2.5)").await;
     converge_orders(&shop, &mem, T).await;
     let doc = search(&shop, json!({"query": {"term": {"_id": "1"}}})).await;
     let src = &doc["hits"]["hits"][0]["_source"];
     assert_eq!(src["customer"], json!({"id": 77, "unresolved": true}));
     assert_eq!(src["items"][0]["product"], json!({"id": 999, "unresolved": true}));
     // They arrive later, from other databases: the documents heal.
-    shop.pg("catalog")
-        .await
-        .batch_execute("INSERT INTO products(id, sku, name, price) VALUES (999, 'LATE', 'Late product', 1)")
-        .await
-        .unwrap();
-    shop.pg("identity")
-        .await
-        .batch_execute("INSERT INTO customers VALUES (77, 'Late customer', NULL, now())")
-        .await
-        .unwrap();
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) VALUES (999, 'LATE', 'Late product', 1)",
+    )
+    .await;
+    shop.exec(
+        "identity",
+        "INSERT INTO customers VALUES (77, 'Late customer', NULL, now())",
+    )
+    .await;
     converge_orders(&shop, &mem, T).await;
     // Customer 555 never exists: order 2 stays unresolved.
     let doc = search(&shop, json!({"query": {"term": {"_id": "2"}}})).await;
@@ -223,17 +201,11 @@ async fn fan_out_of_a_product_to_hundreds_of_orders() {
     let _w = shop.worker(&shop.config("")).await;
     let mem = Remembered::default();
     seed(&shop, 300).await;
-    shop.pg("ordering")
-        .await
-        .batch_execute("UPDATE order_items SET product_id = 1 WHERE line_no = 1")
-        .await
-        .unwrap();
+    shop.exec("ordering", "UPDATE order_items SET product_id = 1 WHERE line_no = 1")
+        .await;
     converge_orders(&shop, &mem, Duration::from_secs(120)).await;
-    shop.pg("catalog")
-        .await
-        .batch_execute("UPDATE products SET name = 'Everywhere' WHERE id = 1")
-        .await
-        .unwrap();
+    shop.exec("catalog", "UPDATE products SET name = 'Everywhere' WHERE id = 1")
+        .await;
     converge_orders(&shop, &mem, Duration::from_secs(120)).await;
     let n = search(
         &shop,
@@ -307,11 +279,8 @@ async fn existing_orders_are_loaded_by_the_initial_snapshot_resumed_after_a_kill
     })
     .await;
     w.kill9();
-    shop.pg("ordering")
-        .await
-        .batch_execute("UPDATE orders SET status = 'paid' WHERE id <= 5")
-        .await
-        .unwrap();
+    shop.exec("ordering", "UPDATE orders SET status = 'paid' WHERE id <= 5")
+        .await;
     let w2 = Worker::start(&cfg, &data);
     converge_orders(&shop, &Remembered::default(), Duration::from_secs(120)).await;
     let log = w2.log_text();
@@ -362,16 +331,10 @@ async fn backfill_loads_existing_data_then_run_streams_on() {
     // Everything is there when backfill exits, before any worker runs.
     matches_truth(&shop, &mem).await.unwrap();
     // Changes made between backfill and run are streamed from the slot.
-    shop.pg("catalog")
-        .await
-        .batch_execute("UPDATE products SET name = 'after backfill' WHERE id = 3")
-        .await
-        .unwrap();
-    shop.pg("ordering")
-        .await
-        .batch_execute("DELETE FROM order_items WHERE order_id = 7")
-        .await
-        .unwrap();
+    shop.exec("catalog", "UPDATE products SET name = 'after backfill' WHERE id = 3")
+        .await;
+    shop.exec("ordering", "DELETE FROM order_items WHERE order_id = 7")
+        .await;
     let _w = shop.worker(&cfg).await;
     converge_orders(&shop, &mem, T).await;
     converge(&shop, T).await;
@@ -480,11 +443,8 @@ async fn backfill_killed_midway_resumes_from_its_last_chunk() {
     .await;
     first.kill().unwrap(); // SIGKILL
     let _ = first.wait();
-    shop.pg("identity")
-        .await
-        .batch_execute("UPDATE customers SET name = 'during' WHERE id = 1")
-        .await
-        .unwrap();
+    shop.exec("identity", "UPDATE customers SET name = 'during' WHERE id = 1")
+        .await;
     let out = backfill(&cfg, &data).wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");

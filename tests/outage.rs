@@ -74,16 +74,16 @@ async fn search_outage_stalls_then_refills_the_lost_index() {
     let cfg = shop.config("");
     let mut w = shop.worker(&cfg).await;
     let mem = Remembered::default();
-    shop.pg("identity")
-        .await
-        .batch_execute("INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com', now())")
-        .await
-        .unwrap();
-    shop.pg("catalog")
-        .await
-        .batch_execute("INSERT INTO products(id, sku, name, price) VALUES (1, 'W', 'Widget', 2)")
-        .await
-        .unwrap();
+    shop.exec(
+        "identity",
+        "INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com', now())",
+    )
+    .await;
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) VALUES (1, 'W', 'Widget', 2)",
+    )
+    .await;
     let ordering = shop.pg("ordering").await;
     ordering
         .batch_execute(
@@ -119,11 +119,8 @@ async fn search_outage_stalls_then_refills_the_lost_index() {
     assert_eq!(w.terminate(), Some(0));
     services("down", "opensearch");
     services("up", "opensearch");
-    shop.pg("catalog")
-        .await
-        .batch_execute("UPDATE products SET name = 'Widget 2' WHERE id = 1")
-        .await
-        .unwrap();
+    shop.exec("catalog", "UPDATE products SET name = 'Widget 2' WHERE id = 1")
+        .await;
     w = shop.worker(&cfg).await;
     converge_orders(&shop, &mem, Duration::from_secs(90)).await;
     drop(w);

@@ -187,6 +187,16 @@ impl Shop {
         c
     }
 
+    /// Runs SQL (one or more statements, each its own transaction unless wrapped in
+    /// BEGIN/COMMIT) in the service's database.
+    pub async fn exec(&self, service: &str, sql: &str) {
+        self.pg(service)
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{service}: {sql}: {e}"));
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(servers().redis.as_str())
             .unwrap()
