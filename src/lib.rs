@@ -2,6 +2,7 @@
 //! Redis caches) in step with the databases of many services, from PostgreSQL logical
 //! replication. See DESIGN.md for the contract; each module states its invariants.
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod logging;

@@ -45,10 +45,47 @@ enum Cmd {
         #[arg(long, requires = "projection")]
         rebuild: bool,
     },
+    /// Positions, slots, stored rows and dead letters (works beside a running worker).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead-letter store: what could not be applied, where it came from, and why.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
     /// Load and validate a config file; print it with secrets redacted.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// List dead letters, oldest first.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its payload.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        id: i64,
     },
 }
 
@@ -71,6 +108,32 @@ fn real_main() -> anyhow::Result<()> {
             println!("{cfg:#?}");
             println!("config {} is valid", config.display());
             Ok(())
+        }
+        Cmd::Status { config, data_dir, json } => {
+            let cfg = Config::load(&config)?;
+            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(viewkeeper::admin::status(&cfg, &dir, json))
+        }
+        Cmd::Dlq {
+            cmd:
+                DlqCmd::List {
+                    config,
+                    data_dir,
+                    limit,
+                    json,
+                },
+        } => {
+            let cfg = Config::load(&config)?;
+            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            viewkeeper::admin::dlq_list(&cfg, &dir, limit, json)
+        }
+        Cmd::Dlq {
+            cmd: DlqCmd::Show { config, data_dir, id },
+        } => {
+            let cfg = Config::load(&config)?;
+            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            viewkeeper::admin::dlq_show(&cfg, &dir, id)
         }
         Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
         Cmd::Backfill {

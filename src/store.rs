@@ -312,6 +312,29 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    pub fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, at_ms, source, position, tbl, key, stage, reason, payload FROM dead_letters WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        source: r.get(2)?,
+                        position: r.get(3)?,
+                        table: r.get(4)?,
+                        key: r.get(5)?,
+                        stage: r.get(6)?,
+                        reason: r.get(7)?,
+                        payload: r.get(8)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     /// Adds dead letters in their own transaction (for failures found after the
     /// state was committed: rendering, sink rejections).
     pub fn add_dead_letters(&mut self, letters: &[DeadLetter]) -> Result<(), StoreError> {

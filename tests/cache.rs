@@ -217,6 +217,35 @@ fields = ["name"]
     assert_eq!(letters[0].1, "[1]");
     assert!(letters[0].2.contains("key column 'description' is null"), "{letters:?}");
     assert!(w.log_text().contains("cannot render"), "logged too");
+    // The on-call view, beside the running worker.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(shop.data_dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list: serde_json::Value = serde_json::from_str(&cli(&["dlq", "list", "--json"])).unwrap();
+    assert_eq!(list["total"], serde_json::json!(letters.len()));
+    assert_eq!(list["dead_letters"][0]["key"], serde_json::json!("[1]"));
+    let id = list["dead_letters"][0]["id"].as_i64().unwrap().to_string();
+    assert!(cli(&["dlq", "show", &id]).contains("key column 'description' is null"));
+    let status: serde_json::Value = serde_json::from_str(&cli(&["status", "--json"])).unwrap();
+    assert_eq!(status["dead_letters"], serde_json::json!(letters.len()));
+    assert_eq!(status["rows"]["products"], serde_json::json!(2));
+    assert_eq!(
+        status["sources"]["catalog"]["slot_state"]["active"],
+        serde_json::json!(true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

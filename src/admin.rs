@@ -1,0 +1,134 @@
+//! Read-only admin commands over the data dir: `status` and `dlq list|show`. They open
+//! the state store read-only, so they work beside a running worker (SQLite WAL mode
+//! gives them a consistent snapshot) and with the worker stopped.
+
+use crate::config::{Config, SourceConfig};
+use crate::store::{Catalog, DeadLetter, Store};
+use anyhow::Context;
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn open(cfg: &Config, data_dir: &Path) -> anyhow::Result<Store> {
+    let catalog = Catalog {
+        tables: cfg.tables.clone(),
+        ..Default::default()
+    };
+    Store::open_read_only(data_dir, catalog).with_context(|| {
+        format!(
+            "no state store in {} (has `viewkeeper run` ever run there?)",
+            data_dir.display()
+        )
+    })
+}
+
+fn letter_json(d: &DeadLetter, with_payload: bool) -> Value {
+    let mut v = serde_json::to_value(d).expect("serializable");
+    if !with_payload {
+        v.as_object_mut().expect("object").remove("payload");
+    }
+    v
+}
+
+/// `viewkeeper dlq list`: the oldest `limit` dead letters.
+pub fn dlq_list(cfg: &Config, data_dir: &Path, limit: usize, as_json: bool) -> anyhow::Result<()> {
+    let store = open(cfg, data_dir)?;
+    let total = store.dead_letter_count()?;
+    let letters = store.dead_letters(limit)?;
+    if as_json {
+        let list: Vec<Value> = letters.iter().map(|d| letter_json(d, false)).collect();
+        println!("{}", json!({ "total": total, "dead_letters": list }));
+        return Ok(());
+    }
+    println!(
+        "{total} dead letter(s){}",
+        if total as usize > letters.len() {
+            format!(", showing {}", letters.len())
+        } else {
+            String::new()
+        }
+    );
+    for d in &letters {
+        let reason: String = d.reason.chars().take(160).collect();
+        println!(
+            "#{} {} {} table={} key={} stage={} position={}: {}",
+            d.id,
+            viewkeeper_projections::model::format_ms(d.at_ms),
+            d.source,
+            d.table,
+            d.key,
+            d.stage,
+            d.position,
+            reason
+        );
+    }
+    Ok(())
+}
+
+/// `viewkeeper dlq show ID`: one dead letter with its payload.
+pub fn dlq_show(cfg: &Config, data_dir: &Path, id: i64) -> anyhow::Result<()> {
+    let store = open(cfg, data_dir)?;
+    let d = store
+        .dead_letter(id)?
+        .with_context(|| format!("no dead letter #{id}"))?;
+    println!("{}", serde_json::to_string_pretty(&letter_json(&d, true))?);
+    Ok(())
+}
+
+/// `viewkeeper status`: per source checkpoint and slot, per table stored rows, dead letters.
+pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Result<()> {
+    let store = open(cfg, data_dir)?;
+    let mut sources = serde_json::Map::new();
+    for (name, sc) in &cfg.sources {
+        let checkpoint = store.checkpoint(name)?.unwrap_or_default();
+        let SourceConfig::Postgres(pg) = sc;
+        let slot = slot_info(pg.url.expose(), &pg.slot).await;
+        sources.insert(
+            name.clone(),
+            json!({
+                "checkpoint_lsn": format!("{:X}/{:X}", checkpoint.major >> 32, checkpoint.major & 0xffff_ffff),
+                "slot": pg.slot,
+                "slot_state": slot,
+            }),
+        );
+    }
+    let report = json!({
+        "data_dir": data_dir.display().to_string(),
+        "sources": sources,
+        "rows": store.row_counts()?,
+        "dead_letters": store.dead_letter_count()?,
+    });
+    if as_json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// The slot as Postgres sees it: active, confirmed flush, WAL it retains.
+async fn slot_info(url: &str, slot: &str) -> Value {
+    let conn = tokio_postgres::connect(url, tokio_postgres::NoTls).await;
+    let (client, conn) = match conn {
+        Ok(c) => c,
+        Err(e) => return json!({ "error": format!("cannot connect: {e}") }),
+    };
+    tokio::spawn(conn);
+    match client
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn::text, coalesce(wal_status, ''),
+                    (pg_current_wal_lsn() - restart_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+    {
+        Ok(Some(r)) => json!({
+            "active": r.get::<_, bool>(0),
+            "confirmed_flush_lsn": r.get::<_, Option<String>>(1),
+            "wal_status": r.get::<_, String>(2),
+            "retained_wal_bytes": r.get::<_, Option<i64>>(3),
+        }),
+        Ok(None) => json!({ "error": "slot does not exist" }),
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
