@@ -338,6 +338,8 @@ impl PgSource {
         shutdown: &CancellationToken,
     ) -> Result<(), SourceError> {
         let mut last_sent = from;
+        // Idle advances cost a state-store commit each: at most one per status interval.
+        let mut last_idle = std::time::Instant::now();
         let mut client = ReplicationClient::connect(self.replication_config(from)?)
             .await
             .map_err(|e| self.classify(e))?;
@@ -449,9 +451,14 @@ impl PgSource {
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     let at = Position::new(wal_end.as_u64(), 0);
-                    if open.is_none() && acked >= last_sent && at > last_sent {
+                    if open.is_none()
+                        && acked >= last_sent
+                        && at > last_sent
+                        && last_idle.elapsed() >= self.s.status_interval
+                    {
                         debug!(source = %self.s.name, at = %at, "idle: advancing checkpoint");
                         last_sent = at;
+                        last_idle = std::time::Instant::now();
                         self.send(
                             tx,
                             shutdown,
