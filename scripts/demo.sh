@@ -94,6 +94,7 @@ if [[ ${DEMO_KEEP:-0} == 1 ]]; then
   echo "  ${RCLI[*]} smembers storefront:products:active"
   echo "  curl -s '$ES/orders_view/_doc/1?pretty'"
   echo "  curl -s '$ES/orders_view/_search?size=0&pretty' -H 'content-type: application/json' -d '{\"aggs\":{\"s\":{\"terms\":{\"field\":\"status\"}}}}'"
+  echo "  curl -s 127.0.0.1:9464/metrics | grep ^viewkeeper_"
   echo "  tail -f $STATE/worker.log"
   echo "Stop with: scripts/demo.sh stop"
   exit 0

@@ -23,6 +23,8 @@ pub struct Config {
     #[serde(default)]
     pub engine: EngineConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
     #[serde(default)]
     pub tables: BTreeMap<String, TableSpec>,
@@ -74,6 +76,35 @@ impl Default for EngineConfig {
             queue_transactions: Self::default_queue_transactions(),
             retry_min_ms: Self::default_retry_min_ms(),
             retry_max_ms: Self::default_retry_max_ms(),
+        }
+    }
+}
+
+/// `[http]`: the worker's `/metrics`, `/healthz`, `/readyz` listener.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "HttpConfig::default_enabled")]
+    pub enabled: bool,
+    /// Loopback by default; `127.0.0.1:0` picks a free port (logged).
+    #[serde(default = "HttpConfig::default_listen")]
+    pub listen: String,
+}
+
+impl HttpConfig {
+    fn default_enabled() -> bool {
+        true
+    }
+    fn default_listen() -> String {
+        "127.0.0.1:9464".into()
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: Self::default_enabled(),
+            listen: Self::default_listen(),
         }
     }
 }
@@ -268,6 +299,12 @@ impl Config {
         }
         if self.projections.is_empty() {
             out.push("projections: no projection declared; add a [projections.NAME] table".into());
+        }
+        if self.http.enabled && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!(
+                "http.listen: '{}' is not an address:port, e.g. 127.0.0.1:9464",
+                self.http.listen
+            ));
         }
         if self.engine.max_batch_changes == 0 {
             out.push("engine.max_batch_changes: must be at least 1".into());

@@ -88,6 +88,8 @@ pub struct Engine {
     /// Sources whose snapshot is complete but not yet rendered (deferred), with their
     /// checkpoints, stored only after the rendering.
     pub held: BTreeMap<String, Position>,
+    /// Readiness flags for `/readyz` (the worker's; `None` for one-shot commands).
+    pub health: Option<Arc<crate::http::Health>>,
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -195,6 +197,13 @@ impl Engine {
             self.store.set_checkpoints(&checkpoints)
         })?;
         self.stats.dead_letters += letters.len() as u64;
+        metrics::counter!("viewkeeper_dead_letters_total").increment(letters.len() as u64);
+        metrics::counter!("viewkeeper_batches_total").increment(1);
+        metrics::counter!("viewkeeper_changes_applied_total")
+            .increment(batches.iter().map(|b| b.changes.len() as u64).sum());
+        for (source, pos) in &checkpoints {
+            metrics::gauge!("viewkeeper_checkpoint_lsn", "source" => source.clone()).set(pos.major as f64);
+        }
         for (source, pos) in checkpoints {
             if let Some(a) = self.acks.get(&source) {
                 a.send_if_modified(|cur| {
@@ -241,6 +250,8 @@ impl Engine {
             // (which starts after it registered) covers everything written before.
             let name = self.projections[pi].name.clone();
             let extra = tokio::task::block_in_place(|| self.store.rebuild_target(&name))?;
+            let started = std::time::Instant::now();
+            let sink_name = self.projections[pi].spec.sink.clone();
             let r = match sink.write(&self.projections[pi], docs).await {
                 Ok(r) => match (&*sink, extra) {
                     (Sink::Search(s), Some(ix)) => s.write_target(&ix, false, docs).await.map(|r2| [r, r2].concat()),
@@ -248,10 +259,20 @@ impl Engine {
                 },
                 Err(e) => Err(e),
             };
+            metrics::histogram!("viewkeeper_sink_write_seconds", "sink" => sink_name.clone())
+                .record(started.elapsed().as_secs_f64());
+            if let Some(h) = &self.health {
+                h.sinks_ok.store(r.is_ok(), std::sync::atomic::Ordering::Relaxed);
+            }
             let e = match r {
-                Ok(r) => return Ok(Some(r)),
+                Ok(r) => {
+                    metrics::counter!("viewkeeper_documents_written_total", "projection" => name)
+                        .increment(docs.len() as u64);
+                    return Ok(Some(r));
+                }
                 Err(e) => e,
             };
+            metrics::counter!("viewkeeper_sink_retries_total", "sink" => sink_name).increment(1);
             if e.index_missing {
                 warn!(projection = %self.projections[pi].name, error = %e, "index is gone; recreating it and re-writing every document from the state store");
                 if !self.resync_projection(pi, shutdown).await? {

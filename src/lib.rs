@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod logging;
 pub mod store;
 pub mod worker;

@@ -148,6 +148,17 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         .filter(|(_, p)| created.contains(&p.name) && counts.get(p.root_table()).is_some_and(|n| *n > 0))
         .map(|(i, _)| i)
         .collect();
+    // Readiness flags, and the HTTP listener for a long-running worker.
+    let mut health = crate::http::Health::default();
+    for name in cfg.sources.keys() {
+        health.sources.insert(name.clone(), Default::default());
+    }
+    let health = Arc::new(health);
+    if mode == Mode::Run && cfg.http.enabled {
+        let handle = crate::http::install_metrics()?;
+        let (addr, _task) = crate::http::serve(&cfg.http.listen, health.clone(), handle, shutdown.clone()).await?;
+        info!(%addr, "http listening (/metrics, /healthz, /readyz)");
+    }
     let (tx, rx) = mpsc::channel(cfg.engine.queue_transactions);
     let mut acks = BTreeMap::new();
     let mut sources = tokio::task::JoinSet::new();
@@ -184,6 +195,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
                     snapshot_progress: store.snapshot_progress(name)?,
                     stop_after_snapshot: mode == Mode::Backfill,
                     snapshot_chunk_rows: pg.snapshot_chunk_rows,
+                    streaming: health.sources[name].clone(),
                 });
                 let (tx, sd) = (tx.clone(), shutdown.clone());
                 sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });
@@ -203,6 +215,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         resync,
         defer_snapshot_render: mode == Mode::Backfill,
         held: BTreeMap::new(),
+        health: Some(health),
     };
     let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
     let mut fatal = None;
@@ -278,6 +291,7 @@ pub async fn rebuild(
         resync: vec![],
         defer_snapshot_render: false,
         held: BTreeMap::new(),
+        health: None,
     };
     let started = std::time::Instant::now();
     if !new_index {

@@ -337,3 +337,40 @@ async fn existing_rows_are_read_by_the_initial_snapshot_and_writes_during_it_are
     writer.await.unwrap();
     converge(&shop, Duration::from_secs(90)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_serves_health_readiness_and_metrics() {
+    let shop = Shop::new("http").await;
+    let w = shop.worker(&shop.config("")).await;
+    let addr = wait_until("http listener logged", T, || async {
+        let log = w.log_text();
+        let line = log.lines().find(|l| l.contains("http listening"))?;
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        v["addr"].as_str().map(str::to_string)
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) VALUES (1, 'a', 'a', 1)",
+    )
+    .await;
+    converge(&shop, T).await;
+    // Ready: every source streams and the last sink write succeeded.
+    wait_until("ready", T, || async {
+        (get("/readyz").await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    for name in [
+        "viewkeeper_changes_applied_total",
+        "viewkeeper_batches_total",
+        "viewkeeper_documents_written_total{projection=\"ordering_products\"}",
+        "viewkeeper_sink_write_seconds_bucket",
+        "viewkeeper_checkpoint_lsn{source=\"catalog\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+}

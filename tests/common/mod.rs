@@ -303,6 +303,8 @@ impl Worker {
             .arg("--data-dir")
             .arg(data_dir)
             .env("VIEWKEEPER_LOG", "info,viewkeeper=debug")
+            // Tests run workers side by side: each takes a free port (logged).
+            .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()

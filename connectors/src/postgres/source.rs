@@ -46,6 +46,24 @@ pub struct PgSourceSettings {
     pub stop_after_snapshot: bool,
     /// Rows per snapshot chunk.
     pub snapshot_chunk_rows: usize,
+    /// Set while streaming from the slot (read by the worker's `/readyz`).
+    pub streaming: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Holds the source's streaming flag up while it lives.
+struct StreamingFlag<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> StreamingFlag<'a> {
+    fn set(flag: &'a std::sync::atomic::AtomicBool) -> Self {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        StreamingFlag(flag)
+    }
+}
+
+impl Drop for StreamingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How a (re)connection starts.
@@ -348,6 +366,7 @@ impl PgSource {
             r = client.wait_started() => r.map_err(|e| self.classify(e))?,
         }
         info!(source = %self.s.name, slot = %self.s.slot, from = %last_sent, "streaming");
+        let _streaming = StreamingFlag::set(&self.s.streaming);
         let mut decoder = TxDecoder::new(self.s.tables.clone());
         let mut acked = from;
         let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal

@@ -1,0 +1,95 @@
+//! The worker's HTTP listener (default `127.0.0.1:9464`, loopback by default):
+//! `/metrics` (Prometheus text, metrics named `viewkeeper_…`), `/healthz` (the process
+//! answers), `/readyz` (every source is streaming and the last sink write succeeded;
+//! 503 with the reasons otherwise).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// What `/readyz` looks at. Sources and the engine flip the flags.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Per source: streaming from its slot right now.
+    pub sources: BTreeMap<String, Arc<AtomicBool>>,
+    /// The last sink write succeeded (false while a sink is failing).
+    pub sinks_ok: AtomicBool,
+}
+
+impl Health {
+    /// Ready, and the reasons when not.
+    pub fn ready(&self) -> (bool, Vec<String>) {
+        let mut why = Vec::new();
+        for (name, s) in &self.sources {
+            if !s.load(Ordering::Relaxed) {
+                why.push(format!("source {name} is not streaming"));
+            }
+        }
+        if !self.sinks_ok.load(Ordering::Relaxed) {
+            why.push("the last sink write failed (or none succeeded yet)".into());
+        }
+        (why.is_empty(), why)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+}
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ])?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))
+}
+
+/// Binds `listen` (fails when the address is taken) and serves until `shutdown`.
+pub async fn serve(
+    listen: &str,
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("http.listen {listen}: cannot listen ({e}); set http.listen to a free address"))?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<AppState>| async move {
+                let (ok, why) = s.health.ready();
+                let code = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, json!({ "ready": ok, "reasons": why }).to_string())
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
+        .with_state(AppState { health, metrics });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok((addr, task))
+}
