@@ -191,7 +191,7 @@ impl PostgresSource {
         1_000
     }
     fn default_snapshot_chunk_rows() -> usize {
-        2_000
+        viewkeeper_connectors::postgres::snapshot::CHUNK_ROWS
     }
 }
 

@@ -307,16 +307,6 @@ impl SearchSink {
     pub async fn delete_index(&self, index: &str) -> Result<(), SinkError> {
         self.call(Method::Delete, &format!("/{index}"), None).await.map(|_| ())
     }
-
-    /// Round-trip check for health reporting.
-    pub async fn ping(&self) -> Result<(), SinkError> {
-        let (status, v) = self.call(Method::Get, "/", None).await?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(self.fail(format!("answered {status}: {v}")))
-        }
-    }
 }
 
 fn truncate(s: &str, n: usize) -> &str {

@@ -160,14 +160,4 @@ impl RedisSink {
         }
         Ok(rejections)
     }
-
-    /// Round-trip check for health reporting.
-    pub async fn ping(&self) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.transient("ping", e))
-    }
 }
