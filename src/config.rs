@@ -173,6 +173,10 @@ pub struct PostgresSource {
     /// under its snapshot, then stream. `never`: stream only what changes from then on.
     #[serde(default)]
     pub snapshot: SnapshotMode,
+    /// Warn when the slot retains more WAL than this (and see
+    /// `viewkeeper_slot_retained_wal_bytes`). Default 1 GiB.
+    #[serde(default = "PostgresSource::default_max_retained_wal_bytes")]
+    pub max_retained_wal_bytes: u64,
     /// Rows per chunk of the initial snapshot (one batch each; progress is stored per chunk).
     #[serde(default = "PostgresSource::default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: usize,
@@ -189,6 +193,9 @@ pub enum SnapshotMode {
 impl PostgresSource {
     fn default_status_interval_ms() -> u64 {
         1_000
+    }
+    fn default_max_retained_wal_bytes() -> u64 {
+        1 << 30
     }
     fn default_snapshot_chunk_rows() -> usize {
         viewkeeper_connectors::postgres::snapshot::CHUNK_ROWS

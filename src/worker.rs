@@ -196,6 +196,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
                     stop_after_snapshot: mode == Mode::Backfill,
                     snapshot_chunk_rows: pg.snapshot_chunk_rows,
                     streaming: health.sources[name].clone(),
+                    max_retained_wal_bytes: pg.max_retained_wal_bytes,
                 });
                 let (tx, sd) = (tx.clone(), shutdown.clone());
                 sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });

@@ -370,6 +370,7 @@ async fn http_listener_serves_health_readiness_and_metrics() {
         "viewkeeper_documents_written_total{projection=\"ordering_products\"}",
         "viewkeeper_sink_write_seconds_bucket",
         "viewkeeper_checkpoint_lsn{source=\"catalog\"}",
+        "viewkeeper_slot_retained_wal_bytes{source=\"catalog\"}",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }

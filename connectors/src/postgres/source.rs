@@ -46,6 +46,8 @@ pub struct PgSourceSettings {
     pub stop_after_snapshot: bool,
     /// Rows per snapshot chunk.
     pub snapshot_chunk_rows: usize,
+    /// Warn (and say so in the log) when the slot retains more WAL than this.
+    pub max_retained_wal_bytes: u64,
     /// Set while streaming from the slot (read by the worker's `/readyz`).
     pub streaming: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -369,6 +371,8 @@ impl PgSource {
         let _streaming = StreamingFlag::set(&self.s.streaming);
         let mut decoder = TxDecoder::new(self.s.tables.clone());
         let mut acked = from;
+        // Slot health every 10 s: retained WAL (a gauge, and a warning past the bound).
+        let mut slot_check = tokio::time::interval(Duration::from_secs(10));
         let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal
         loop {
             // Biased: shutdown first, then acks (so feedback is never starved by data).
@@ -377,6 +381,10 @@ impl PgSource {
                 _ = shutdown.cancelled() => {
                     let _ = client.shutdown().await;
                     return Ok(());
+                }
+                _ = slot_check.tick() => {
+                    self.check_slot().await;
+                    continue;
                 }
                 r = acks.changed() => {
                     if r.is_err() {
@@ -587,6 +595,38 @@ impl PgSource {
         }
         info!(source = %self.s.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
         Ok(true)
+    }
+
+    /// Records the WAL the slot holds back (`viewkeeper_slot_retained_wal_bytes`) and
+    /// warns past `max_retained_wal_bytes`. Best effort: a failed query is only logged.
+    async fn check_slot(&self) {
+        let retained: Result<Option<i64>, String> = async {
+            let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls).await.map_err(|e| e.to_string())?;
+            let task = tokio::spawn(conn);
+            let r = c
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.s.slot],
+                )
+                .await
+                .map_err(|e| e.to_string());
+            drop(c);
+            let _ = task.await;
+            Ok(r?.and_then(|row| row.get::<_, Option<i64>>(0)))
+        }
+        .await;
+        match retained {
+            Ok(Some(bytes)) => {
+                metrics::gauge!("viewkeeper_slot_retained_wal_bytes", "source" => self.s.name.clone())
+                    .set(bytes as f64);
+                if bytes as u64 > self.s.max_retained_wal_bytes {
+                    warn!(source = %self.s.name, slot = %self.s.slot, retained_wal_bytes = bytes, bound = self.s.max_retained_wal_bytes,
+                        "slot retains more WAL than the bound: the worker is behind or stalled (a sink down?); Postgres keeps this WAL on disk until it catches up");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => debug!(source = %self.s.name, error = %e, "slot check failed"),
+        }
     }
 
     /// Hands a batch to the engine (waiting for room); `Ok(false)` on shutdown.
