@@ -442,15 +442,13 @@ impl Engine {
                     );
                     warn!(table = %c.table, key = %c.key, "{reason}");
                     source_letters.push(DeadLetter {
-                        id: 0,
-                        at_ms: 0,
                         source: b.source.clone(),
                         position: c.position.to_string(),
                         table: c.table.clone(),
                         key: c.key.to_string(),
                         stage: "apply".into(),
                         reason,
-                        payload: String::new(),
+                        ..Default::default()
                     });
                 }
                 if b.snapshot.is_some() {
@@ -468,8 +466,6 @@ impl Engine {
             }
             for d in &b.dead_letters {
                 source_letters.push(DeadLetter {
-                    id: 0,
-                    at_ms: 0,
                     source: b.source.clone(),
                     position: d.position.to_string(),
                     table: d.table.clone(),
@@ -477,6 +473,7 @@ impl Engine {
                     stage: "decode".into(),
                     reason: d.reason.clone(),
                     payload: d.payload.clone(),
+                    ..Default::default()
                 });
             }
             self.stats.changes += b.changes.len() as u64;
@@ -519,15 +516,11 @@ fn render_docs<'a>(
             Err(e @ RenderError::Row { .. }) => {
                 warn!(projection = %p.name, key = %key, error = %e, "cannot render; dead-lettered");
                 letters.push(DeadLetter {
-                    id: 0,
-                    at_ms: 0,
-                    source: String::new(),
-                    position: String::new(),
                     table: p.root_table().to_string(),
                     key: key.to_string(),
                     stage: format!("render:{}", p.name),
                     reason: e.to_string(),
-                    payload: String::new(),
+                    ..Default::default()
                 });
             }
         }
@@ -537,14 +530,10 @@ fn render_docs<'a>(
 
 fn rejection_letter(p: &Projection, r: Rejection) -> DeadLetter {
     DeadLetter {
-        id: 0,
-        at_ms: 0,
-        source: String::new(),
-        position: String::new(),
         table: p.root_table().to_string(),
         key: r.id,
         stage: format!("sink:{}", p.spec.sink),
         reason: r.reason,
-        payload: String::new(),
+        ..Default::default()
     }
 }

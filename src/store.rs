@@ -57,7 +57,8 @@ pub struct Catalog {
 }
 
 /// A dead letter: data that could not apply, with where it came from and why.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+/// `id` and `at_ms` are assigned on insert (0 means "now").
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct DeadLetter {
     pub id: i64,
     pub at_ms: i64,
@@ -292,23 +293,10 @@ impl Store {
     }
 
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, at_ms, source, position, tbl, key, stage, reason, payload
-             FROM dead_letters ORDER BY id LIMIT ?1",
-        )?;
-        let rows = st.query_map(params![limit as i64], |r| {
-            Ok(DeadLetter {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                source: r.get(2)?,
-                position: r.get(3)?,
-                table: r.get(4)?,
-                key: r.get(5)?,
-                stage: r.get(6)?,
-                reason: r.get(7)?,
-                payload: r.get(8)?,
-            })
-        })?;
+        let mut st = self
+            .conn
+            .prepare(&format!("{DEAD_LETTER_SELECT} ORDER BY id LIMIT ?1"))?;
+        let rows = st.query_map(params![limit as i64], dead_letter_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -316,21 +304,9 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, at_ms, source, position, tbl, key, stage, reason, payload FROM dead_letters WHERE id = ?1",
+                &format!("{DEAD_LETTER_SELECT} WHERE id = ?1"),
                 params![id],
-                |r| {
-                    Ok(DeadLetter {
-                        id: r.get(0)?,
-                        at_ms: r.get(1)?,
-                        source: r.get(2)?,
-                        position: r.get(3)?,
-                        table: r.get(4)?,
-                        key: r.get(5)?,
-                        stage: r.get(6)?,
-                        reason: r.get(7)?,
-                        payload: r.get(8)?,
-                    })
-                },
+                dead_letter_row,
             )
             .optional()?)
     }
@@ -360,6 +336,24 @@ impl Store {
         let rows = st.query_map(params![table], |r| r.get::<_, String>(0))?;
         Ok(rows.map(|r| r.map(Key::from_canonical)).collect::<Result<_, _>>()?)
     }
+}
+
+const DEAD_LETTER_SELECT: &str =
+    "SELECT id, at_ms, source, position, tbl, key, stage, reason, payload FROM dead_letters";
+
+/// Maps a row of [`DEAD_LETTER_SELECT`].
+fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        source: r.get(2)?,
+        position: r.get(3)?,
+        table: r.get(4)?,
+        key: r.get(5)?,
+        stage: r.get(6)?,
+        reason: r.get(7)?,
+        payload: r.get(8)?,
+    })
 }
 
 fn insert_dead_letters(conn: &Connection, letters: &[DeadLetter]) -> Result<(), StoreError> {

@@ -234,16 +234,9 @@ fn parse_zoned(text: &str) -> Option<(i64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use crate::debezium::values::tests::value;
     use crate::debezium::values::{convert, ColumnType};
-    use serde_json::{json, Value};
-    use viewkeeper_projections::model::Cell;
-
-    fn value(v: Value, ty: ColumnType) -> Value {
-        match convert(&v, &ty) {
-            Ok(Cell::Value(out)) => out,
-            other => panic!("{v} as {ty:?}: {other:?}"),
-        }
-    }
+    use serde_json::json;
 
     #[test]
     fn dates() {

@@ -332,11 +332,12 @@ fn bit_string(bytes: &[u8], length: Option<u32>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn value(v: Value, ty: ColumnType) -> Value {
+    /// Converts `v` as `ty`, expecting a value (not an unchanged placeholder).
+    pub(crate) fn value(v: Value, ty: ColumnType) -> Value {
         match convert(&v, &ty) {
             Ok(Cell::Value(out)) => out,
             other => panic!("{v} as {ty:?}: {other:?}"),
