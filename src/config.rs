@@ -174,7 +174,8 @@ pub struct PostgresSource {
     #[serde(default)]
     pub snapshot: SnapshotMode,
     /// Warn when the slot retains more WAL than this (and see
-    /// `viewkeeper_slot_retained_wal_bytes`). Default 1 GiB.
+    /// `viewkeeper_slot_retained_wal_bytes`); an initial snapshot pauses to stream the
+    /// slot when it does. Default 1 GiB.
     #[serde(default = "PostgresSource::default_max_retained_wal_bytes")]
     pub max_retained_wal_bytes: u64,
     /// Rows per chunk of the initial snapshot (one batch each; progress is stored per chunk).

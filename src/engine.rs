@@ -176,10 +176,17 @@ impl Engine {
             }
             self.stats.documents += docs.len() as u64;
         }
+        // Catch-up batches (streamed while a snapshot is paused) are acknowledged, so the
+        // slot advances, but are no checkpoint: the snapshot is not complete yet.
         let mut checkpoints: BTreeMap<String, Position> = BTreeMap::new();
+        let mut acks: BTreeMap<String, Position> = BTreeMap::new();
         for b in &batches {
-            let e = checkpoints.entry(b.source.clone()).or_default();
+            let e = acks.entry(b.source.clone()).or_default();
             *e = (*e).max(b.checkpoint);
+            if b.snapshot != Some(SnapshotMark::CatchUp) {
+                let e = checkpoints.entry(b.source.clone()).or_default();
+                *e = (*e).max(b.checkpoint);
+            }
         }
         if !completed.is_empty() {
             if self.defer_snapshot_render {
@@ -204,7 +211,10 @@ impl Engine {
         for (source, pos) in &checkpoints {
             metrics::gauge!("viewkeeper_checkpoint_lsn", "source" => source.clone()).set(pos.major as f64);
         }
-        for (source, pos) in checkpoints {
+        for (source, pos) in acks {
+            if self.held.contains_key(&source) {
+                continue; // backfill: acknowledged when the held checkpoint is stored
+            }
             if let Some(a) = self.acks.get(&source) {
                 a.send_if_modified(|cur| {
                     let newer = pos > *cur;
@@ -435,7 +445,8 @@ impl Engine {
             }
             for c in &b.changes {
                 let applied = tx.apply(c)?;
-                if !applied.missing_unchanged.is_empty() {
+                // While a snapshot is paused the row may not be read yet: it fills them in.
+                if !applied.missing_unchanged.is_empty() && b.snapshot != Some(SnapshotMark::CatchUp) {
                     let reason = format!(
                         "unchanged TOAST column(s) {:?} have no stored value (the row was never seen whole); they stay missing until the row is written again or backfilled",
                         applied.missing_unchanged

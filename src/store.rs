@@ -405,7 +405,7 @@ impl StoreTx<'_> {
                 (table.as_str(), Some(serde_json::to_string(last_key).expect("JSON")), 0)
             }
             SnapshotMark::TableDone { table } => (table.as_str(), None, 1),
-            SnapshotMark::Complete => return Ok(()),
+            SnapshotMark::Complete | SnapshotMark::CatchUp => return Ok(()),
             SnapshotMark::Begin => {
                 self.tx
                     .execute("DELETE FROM snapshot_progress WHERE source = ?1", params![source])?;
@@ -521,7 +521,26 @@ impl StoreTx<'_> {
                 let stored = self.load(table, &change.key)?;
                 if let Some((s, pos)) = &stored {
                     if *pos >= change.position {
-                        applied.images.push(s.image.clone());
+                        // Older: ignored, except that it fills needed columns the stored image
+                        // lacks (an unchanged TOAST value streamed before the snapshot read
+                        // the row whole).
+                        let mut image = s.image.clone();
+                        for (col, cell) in cells {
+                            if let Cell::Value(v) = cell {
+                                if needed.contains(col) && !image.contains_key(col) {
+                                    image.insert(col.clone(), v.clone());
+                                }
+                            }
+                        }
+                        if image.len() > s.image.len() {
+                            let row = StoredRow { image, ..s.clone() };
+                            self.save(table, &row, *pos)?;
+                            self.reindex(table, &row.key, Some(&s.image), &row.image)?;
+                            applied.images.push(s.image.clone());
+                            applied.images.push(row.image);
+                        } else {
+                            applied.images.push(image);
+                        }
                         return Ok(applied);
                     }
                 }

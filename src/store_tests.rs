@@ -151,7 +151,11 @@ fn unchanged_toast_is_merged_from_the_stored_image() {
         &upsert(
             "products",
             json!([2]),
-            vec![("id", v(json!(2))), ("description", Cell::Unchanged)],
+            vec![
+                ("id", v(json!(2))),
+                ("description", Cell::Unchanged),
+                ("status", v(json!("new"))),
+            ],
             3,
         ),
     );
@@ -161,6 +165,25 @@ fn unchanged_toast_is_merged_from_the_stored_image() {
         .image
         .get("description")
         .is_none());
+    // An older whole image (a snapshot row read after the catch-up streamed the update)
+    // fills in what is missing and changes nothing else.
+    let a = apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([2]),
+            vec![
+                ("id", v(json!(2))),
+                ("description", v(json!("whole"))),
+                ("status", v(json!("old"))),
+            ],
+            1,
+        ),
+    );
+    assert!(a.missing_unchanged.is_empty());
+    let r = get(&s, "products", json!([2])).unwrap();
+    assert_eq!(r.image["description"], json!("whole"));
+    assert_eq!(r.image["status"], json!("new"), "newer values kept");
 }
 
 #[test]

@@ -456,3 +456,101 @@ async fn backfill_killed_midway_resumes_from_its_last_chunk() {
     let _w = shop.worker(&cfg).await;
     converge_orders(&shop, &mem, T).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_pauses_to_stream_when_the_slot_retains_too_much_wal() {
+    let shop = Shop::new("bfthrottle").await;
+    seed(&shop, 400).await;
+    let cfg = shop.config("");
+    with_chunk_rows(&cfg, 40);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("publication = \"", "max_retained_wal_bytes = 1048576\npublication = \"");
+    std::fs::write(&cfg, text).unwrap();
+    let data = shop.data_dir.path().join("data");
+
+    // The slots exist and hold WAL from their consistent points once the first chunks are in.
+    let mut first = backfill(&cfg, &data);
+    wait_until("some snapshot chunks stored", T, || async {
+        (stored_chunks(&data) > 0).then_some(())
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL
+    let _ = first.wait();
+    let before = shop.confirmed_flush("ordering").await.unwrap();
+    // Several MB of WAL (a table nobody publishes) and changes the read models must show.
+    shop.exec(
+        "ordering",
+        "CREATE TABLE filler AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 50000) g;
+         UPDATE orders SET status = 'shipped' WHERE id % 7 = 0;
+         INSERT INTO orders VALUES (5000, 1, 'new', 1, NULL, now(), now());
+         INSERT INTO order_items VALUES (5000, 1, 2, 1, 3.00);
+         DELETE FROM order_items WHERE order_id = 9",
+    )
+    .await;
+    let wal = shop.current_lsn("ordering").await - before;
+    assert!(wal > 2 << 20, "{wal} bytes of WAL written");
+
+    let out = backfill(&cfg, &data).wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("snapshot paused"), "the backfill paused: {log}");
+    assert!(log.contains("snapshot resumed"), "and resumed after catching up: {log}");
+    // Streaming during the pause let the slot go of that WAL (and applied the changes).
+    let after = shop.confirmed_flush("ordering").await.unwrap();
+    assert!(
+        after >= before + wal,
+        "slot confirmed {after}, was {before}, {wal} bytes written"
+    );
+
+    let mem = Remembered::default();
+    matches_truth(&shop, &mem).await.unwrap();
+    let _w = shop.worker(&cfg).await;
+    shop.exec("ordering", "UPDATE orders SET status = 'paid' WHERE id = 5000")
+        .await;
+    converge_orders(&shop, &mem, T).await;
+}
+
+/// The issue's scale: ten thousand orders (thirty thousand items) already in the
+/// databases, written to while the backfill reads, every document equal to the join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_of_ten_thousand_orders_with_concurrent_writes() {
+    let shop = Shop::new("bfbig").await;
+    seed(&shop, 10_000).await;
+    let cfg = shop.config("");
+    let data = shop.data_dir.path().join("data");
+    let child = backfill(&cfg, &data);
+    let writer = {
+        let (o, c) = (shop.pg("ordering").await, shop.pg("catalog").await);
+        tokio::spawn(async move {
+            for i in 0..200 {
+                o.batch_execute(&format!(
+                    "UPDATE orders SET status = 'shipped' WHERE id = {};
+                     INSERT INTO orders VALUES ({}, 2, 'new', 1, NULL, now(), now());
+                     INSERT INTO order_items VALUES ({1}, 1, 3, 1, 3.00);
+                     DELETE FROM order_items WHERE order_id = {} AND line_no = 2",
+                    1 + i * 37,
+                    20_000 + i,
+                    1 + i * 41
+                ))
+                .await
+                .unwrap();
+                if i % 50 == 0 {
+                    c.batch_execute(&format!(
+                        "UPDATE products SET price = price + 1 WHERE id = {}",
+                        1 + i % 20
+                    ))
+                    .await
+                    .unwrap();
+                }
+            }
+        })
+    };
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _w = shop.worker(&cfg).await;
+    converge_orders(&shop, &Remembered::default(), Duration::from_secs(180)).await;
+}

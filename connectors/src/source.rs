@@ -35,7 +35,12 @@ pub enum SnapshotMark {
     Chunk { table: String, last_key: Vec<String> },
     /// `table` is read completely.
     TableDone { table: String },
-    /// Every table is read; the batch's checkpoint is the slot's consistent point.
+    /// Changes streamed while the snapshot is paused because the slot retained too much
+    /// WAL: applied (not rendered) and acknowledged so the slot advances, but not a
+    /// checkpoint (the snapshot is not complete yet).
+    CatchUp,
+    /// Every table is read; the batch's checkpoint is where streaming goes on (the
+    /// slot's consistent point, or the end of the last catch-up).
     Complete,
 }
 

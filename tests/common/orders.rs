@@ -132,25 +132,35 @@ pub async fn actual(shop: &Shop) -> Result<BTreeMap<String, Value>, String> {
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    let v: Value = http
-        .post(format!("{base}/_search"))
-        .json(&json!({"size": 10000, "query": {"match_all": {}}}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let hits = v["hits"]["hits"].as_array().ok_or_else(|| format!("no hits in {v}"))?;
-    Ok(hits
-        .iter()
-        .map(|h| {
-            (
+    // Pages of 5000 by order_id (one search stops at 10k hits).
+    let mut all = BTreeMap::new();
+    let mut after: Option<Value> = None;
+    loop {
+        let mut q = json!({"size": 5000, "query": {"match_all": {}}, "sort": [{"order_id": "asc"}]});
+        if let Some(a) = after.take() {
+            q["search_after"] = a;
+        }
+        let v: Value = http
+            .post(format!("{base}/_search"))
+            .json(&q)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let hits = v["hits"]["hits"].as_array().ok_or_else(|| format!("no hits in {v}"))?;
+        for h in hits {
+            all.insert(
                 h["_id"].as_str().unwrap_or_default().to_string(),
                 normalize(h["_source"].clone()),
-            )
-        })
-        .collect())
+            );
+        }
+        match hits.last() {
+            Some(h) if hits.len() == 5000 => after = Some(h["sort"].clone()),
+            _ => return Ok(all),
+        }
+    }
 }
 
 /// `Ok` when every document equals the truth (deleted orders: flagged, kept).

@@ -52,6 +52,13 @@ pub struct PgSourceSettings {
     pub streaming: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A paused snapshot streams the slot up to `until`; `conn` watches the slot meanwhile.
+#[derive(Clone, Copy)]
+struct CatchUp<'a> {
+    until: Position,
+    conn: &'a tokio_postgres::Client,
+}
+
 /// Holds the source's streaming flag up while it lives.
 struct StreamingFlag<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -125,9 +132,11 @@ impl PgSource {
             .without_max_times()
             .build();
         let mut progress = self.s.snapshot_progress.clone();
+        // Acks alone do not say the snapshot is complete: catch-up batches are acked too.
+        let mut loaded = checkpoint.is_some_and(|c| c != Position::ZERO);
         loop {
             let acked = (*acks.borrow()).max(checkpoint.unwrap_or_default());
-            let result = match self.prepare(acked != Position::ZERO).await {
+            let result = match self.prepare(loaded).await {
                 Ok(Start::Snapshot { cp, fresh }) => {
                     if fresh {
                         progress.clear();
@@ -140,10 +149,13 @@ impl PgSource {
                             return Ok(());
                         }
                     }
-                    match self.snapshot(cp, &mut progress, &tx, &shutdown).await {
-                        Ok(true) if self.s.stop_after_snapshot => return Ok(()),
-                        Ok(true) => self.stream(cp, &tx, &mut acks, &shutdown).await,
-                        Ok(false) => return Ok(()),
+                    match self.snapshot(cp, &mut progress, &tx, &mut acks, &shutdown).await {
+                        Ok(Some(_)) if self.s.stop_after_snapshot => return Ok(()),
+                        Ok(Some(from)) => {
+                            loaded = true;
+                            self.stream(from, None, &tx, &mut acks, &shutdown).await.map(|_| ())
+                        }
+                        Ok(None) => return Ok(()),
                         Err(e) => Err(e),
                     }
                 }
@@ -151,7 +163,7 @@ impl PgSource {
                     info!(source = %self.s.name, "already loaded (the state store has a checkpoint): nothing to backfill");
                     return Ok(());
                 }
-                Ok(Start::Stream) => self.stream(acked, &tx, &mut acks, &shutdown).await,
+                Ok(Start::Stream) => self.stream(acked, None, &tx, &mut acks, &shutdown).await.map(|_| ()),
                 Err(e) => Err(e),
             };
             match result {
@@ -350,37 +362,61 @@ impl PgSource {
         .with_application_name(format!("viewkeeper-{}", self.s.name)))
     }
 
+    /// Streams from the slot. With `catch_up`, catches up while a snapshot is paused: the
+    /// batches are marked [`SnapshotMark::CatchUp`], and it returns the last position
+    /// sent once the stream reached `until`, the engine acknowledged everything and the
+    /// slot confirmed it.
     async fn stream(
         &self,
         from: Position,
+        catch_up: Option<CatchUp<'_>>,
         tx: &mpsc::Sender<SourceBatch>,
         acks: &mut watch::Receiver<Position>,
         shutdown: &CancellationToken,
-    ) -> Result<(), SourceError> {
+    ) -> Result<Position, SourceError> {
+        let until = catch_up.map(|c| c.until);
+        let mark = until.map(|_| SnapshotMark::CatchUp);
         let mut last_sent = from;
+        let mut reached = false;
         // Idle advances cost a state-store commit each: at most one per status interval.
         let mut last_idle = std::time::Instant::now();
         let mut client = ReplicationClient::connect(self.replication_config(from)?)
             .await
             .map_err(|e| self.classify(e))?;
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(last_sent),
             r = client.wait_started() => r.map_err(|e| self.classify(e))?,
         }
-        info!(source = %self.s.name, slot = %self.s.slot, from = %last_sent, "streaming");
-        let _streaming = StreamingFlag::set(&self.s.streaming);
+        let _streaming = match until {
+            None => {
+                info!(source = %self.s.name, slot = %self.s.slot, from = %last_sent, "streaming");
+                Some(StreamingFlag::set(&self.s.streaming))
+            }
+            Some(until) => {
+                info!(source = %self.s.name, slot = %self.s.slot, from = %last_sent, %until, "snapshot paused: catching up on the slot");
+                None
+            }
+        };
         let mut decoder = TxDecoder::new(self.s.tables.clone());
         let mut acked = from;
         // Slot health every 10 s: retained WAL (a gauge, and a warning past the bound).
         let mut slot_check = tokio::time::interval(Duration::from_secs(10));
         let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal
         loop {
+            if let Some(c) = catch_up.filter(|_| reached && acked >= last_sent) {
+                // Keep the session until the slot confirmed it: that is what frees the WAL.
+                client.update_applied_lsn(Lsn::from_u64(acked.major));
+                let confirmed = self.await_confirmed(c.conn, last_sent).await;
+                let _ = client.shutdown().await;
+                confirmed.map_err(|e| self.transient(format!("initial snapshot: {e}")))?;
+                return Ok(last_sent);
+            }
             // Biased: shutdown first, then acks (so feedback is never starved by data).
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     let _ = client.shutdown().await;
-                    return Ok(());
+                    return Ok(last_sent);
                 }
                 _ = slot_check.tick() => {
                     self.check_slot().await;
@@ -388,13 +424,13 @@ impl PgSource {
                 }
                 r = acks.changed() => {
                     if r.is_err() {
-                        return Ok(()); // engine gone: shutting down
+                        return Ok(last_sent); // engine gone: shutting down
                     }
                     acked = *acks.borrow_and_update();
                     client.update_applied_lsn(Lsn::from_u64(acked.major));
                     continue;
                 }
-                ev = client.recv() => ev.map_err(|e| self.classify(e))?,
+                ev = client.recv(), if !reached => ev.map_err(|e| self.classify(e))?,
             };
             let Some(ev) = ev else {
                 return Err(self.transient("replication stream ended"));
@@ -408,6 +444,7 @@ impl PgSource {
                     let ms = pgoutput::pg_time_to_unix_us(commit_time_micros) / 1000;
                     let batch = SourceBatch {
                         source: self.s.name.clone(),
+                        snapshot: mark.clone(),
                         ..Default::default()
                     };
                     open = Some((final_lsn.as_u64(), ms, batch, 0));
@@ -434,6 +471,7 @@ impl PgSource {
                                             source: self.s.name.clone(),
                                             dead_letters: vec![dl],
                                             checkpoint: last_sent,
+                                            snapshot: mark.clone(),
                                             ..Default::default()
                                         },
                                     )
@@ -473,12 +511,30 @@ impl PgSource {
                     batch.checkpoint = Position::new(end_lsn.as_u64(), 0);
                     last_sent = batch.checkpoint;
                     if !self.send(tx, shutdown, batch).await? {
-                        return Ok(());
+                        return Ok(last_sent);
                     }
+                    reached = until.is_some_and(|u| last_sent >= u);
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     let at = Position::new(wal_end.as_u64(), 0);
-                    if open.is_none()
+                    if let Some(u) = until.filter(|_| open.is_none()) {
+                        // Catching up: an idle stream at or past the target is caught up.
+                        if at >= u {
+                            if at > last_sent {
+                                last_sent = at;
+                                let b = SourceBatch {
+                                    source: self.s.name.clone(),
+                                    checkpoint: at,
+                                    snapshot: mark.clone(),
+                                    ..Default::default()
+                                };
+                                if !self.send(tx, shutdown, b).await? {
+                                    return Ok(last_sent);
+                                }
+                            }
+                            reached = true;
+                        }
+                    } else if open.is_none()
                         && acked >= last_sent
                         && at > last_sent
                         && last_idle.elapsed() >= self.s.status_interval
@@ -503,28 +559,75 @@ impl PgSource {
                 } => {
                     debug!(source = %self.s.name, %prefix, transactional, "logical message");
                 }
-                ReplicationEvent::StoppedAt { .. } => return Ok(()),
+                ReplicationEvent::StoppedAt { .. } => return Ok(last_sent),
             }
         }
     }
 
     /// Reads every table not yet done, chunk by chunk, resuming after `progress`, then
-    /// sends the final batch with the checkpoint `cp`. `Ok(false)`: shutdown.
+    /// sends the final batch, whose checkpoint is returned: where streaming goes on.
+    /// `Ok(None)`: shutdown.
+    ///
+    /// Throttling: the slot holds WAL from `cp` while the snapshot reads. When it
+    /// retains more than `max_retained_wal_bytes`, reading pauses and the slot is
+    /// streamed up to the current WAL position first (applied, acknowledged, so the
+    /// slot lets go of that WAL). Rows streamed early are safe: snapshot rows carry
+    /// position `(cp, 0)`, below every streamed change, so they never overwrite one.
     async fn snapshot(
         &self,
         cp: Position,
         progress: &mut HashMap<String, TableProgress>,
         tx: &mpsc::Sender<SourceBatch>,
+        acks: &mut watch::Receiver<Position>,
         shutdown: &CancellationToken,
-    ) -> Result<bool, SourceError> {
+    ) -> Result<Option<Position>, SourceError> {
         let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls)
             .await
             .map_err(|e| self.transient(format!("cannot connect for the snapshot: {e}")))?;
         let conn_task = tokio::spawn(conn);
-        let r = self.snapshot_on(&c, cp, progress, tx, shutdown).await;
+        let r = self.snapshot_on(&c, cp, progress, tx, acks, shutdown).await;
         drop(c);
         let _ = conn_task.await;
         r
+    }
+
+    /// The slot's retained WAL in bytes and the server's current WAL position.
+    async fn retained_wal(&self, c: &tokio_postgres::Client) -> Result<Option<(u64, Position)>, String> {
+        let row = c
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - '0/0')::bigint
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.s.slot],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.and_then(|r| {
+            let retained: Option<i64> = r.get(0);
+            let current: Option<i64> = r.get(1);
+            Some((retained? as u64, Position::new(current? as u64, 0)))
+        }))
+    }
+
+    /// Waits (bounded) until the slot's confirmed position reaches `at`, so the retained
+    /// WAL is measured after the slot let go of what was caught up.
+    async fn await_confirmed(&self, c: &tokio_postgres::Client, at: Position) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + self.s.status_interval * 3 + Duration::from_secs(1);
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        while std::time::Instant::now() < deadline {
+            tick.tick().await;
+            let confirmed: Option<i64> = c
+                .query_opt(
+                    "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.s.slot],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|r| r.get(0));
+            if confirmed.is_some_and(|l| l as u64 >= at.major) {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     async fn snapshot_on(
@@ -533,8 +636,11 @@ impl PgSource {
         cp: Position,
         progress: &mut HashMap<String, TableProgress>,
         tx: &mpsc::Sender<SourceBatch>,
+        acks: &mut watch::Receiver<Position>,
         shutdown: &CancellationToken,
-    ) -> Result<bool, SourceError> {
+    ) -> Result<Option<Position>, SourceError> {
+        let mut streamed = cp; // where a catch-up left the slot
+        let mut pauses = 0u64;
         let err = |e: String| self.transient(format!("initial snapshot: {e}"));
         c.batch_execute(snapshot::SESSION_SETTINGS)
             .await
@@ -569,9 +675,31 @@ impl PgSource {
                     last_key: next.clone(),
                 });
                 if !self.send(tx, shutdown, batch).await? {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 p.last_key = Some(next);
+                if let Some((retained, current)) = self.retained_wal(c).await.map_err(&err)? {
+                    metrics::gauge!("viewkeeper_slot_retained_wal_bytes", "source" => self.s.name.clone())
+                        .set(retained as f64);
+                    // Pause only when most of it is WAL not streamed yet: the rest (the slot's
+                    // restart point trails its confirmed one) does not shrink by streaming.
+                    let unread = current.major.saturating_sub(streamed.major);
+                    let bound = self.s.max_retained_wal_bytes;
+                    if retained > bound && unread > bound / 2 {
+                        pauses += 1;
+                        info!(source = %self.s.name, retained_wal_bytes = retained, unread_wal_bytes = unread, bound,
+                            "snapshot paused: the slot retains more WAL than max_retained_wal_bytes");
+                        let catch_up = CatchUp {
+                            until: current,
+                            conn: c,
+                        };
+                        streamed = self.stream(streamed, Some(catch_up), tx, acks, shutdown).await?;
+                        if shutdown.is_cancelled() {
+                            return Ok(None);
+                        }
+                        info!(source = %self.s.name, at = %streamed, "snapshot resumed");
+                    }
+                }
             }
             let done = SourceBatch {
                 source: self.s.name.clone(),
@@ -579,22 +707,22 @@ impl PgSource {
                 ..Default::default()
             };
             if !self.send(tx, shutdown, done).await? {
-                return Ok(false);
+                return Ok(None);
             }
             p.done = true;
             info!(source = %self.s.name, %table, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot: table read");
         }
         let complete = SourceBatch {
             source: self.s.name.clone(),
-            checkpoint: cp,
+            checkpoint: streamed,
             snapshot: Some(SnapshotMark::Complete),
             ..Default::default()
         };
         if !self.send(tx, shutdown, complete).await? {
-            return Ok(false);
+            return Ok(None);
         }
-        info!(source = %self.s.name, rows, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
-        Ok(true)
+        info!(source = %self.s.name, rows, pauses, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
+        Ok(Some(streamed))
     }
 
     /// Records the WAL the slot holds back (`viewkeeper_slot_retained_wal_bytes`) and
