@@ -218,14 +218,14 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         held: BTreeMap::new(),
         health: Some(health),
     };
+    let started = std::time::Instant::now();
     let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
     let mut fatal = None;
-    loop {
+    let stats = loop {
         tokio::select! {
             r = &mut engine_task => {
                 shutdown.cancel();
-                r.context("engine task panicked")??;
-                break;
+                break r.context("engine task panicked")??;
             }
             Some(r) = sources.join_next() => {
                 match r {
@@ -242,10 +242,22 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
                 }
             }
         }
-    }
+    };
     while sources.join_next().await.is_some() {}
     if let Some(e) = fatal {
         bail!(e);
+    }
+    if mode == Mode::Backfill {
+        let (_, catalog) = compile(&cfg)?;
+        let rows = Store::open_read_only(data_dir, catalog)?.row_counts()?;
+        info!(
+            ?rows,
+            changes = stats.changes,
+            documents = stats.documents,
+            dead_letters = stats.dead_letters,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "backfill finished"
+        );
     }
     Ok(())
 }

@@ -326,7 +326,16 @@ async fn backfill_loads_existing_data_then_run_streams_on() {
     let cfg = shop.config("");
     let data = shop.data_dir.path().join("data");
     let out = backfill(&cfg, &data).wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let summary = log
+        .lines()
+        .find(|l| l.contains("backfill finished"))
+        .expect("a summary line");
+    // JSON log: the Debug map of rows per table sits in a string, its quotes escaped.
+    for rows in [r#"\"orders\": 300"#, r#"\"order_items\": 900"#, r#"\"customers\": 40"#] {
+        assert!(summary.contains(rows), "{rows} in {summary}");
+    }
     let mem = Remembered::default();
     // Everything is there when backfill exits, before any worker runs.
     matches_truth(&shop, &mem).await.unwrap();
