@@ -80,16 +80,20 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
     let mut sources = serde_json::Map::new();
     for (name, sc) in &cfg.sources {
         let checkpoint = store.checkpoint(name)?.unwrap_or_default();
-        let SourceConfig::Postgres(pg) = sc;
-        let slot = slot_info(pg.url.expose(), &pg.slot).await;
-        sources.insert(
-            name.clone(),
-            json!({
+        let report = match sc {
+            SourceConfig::Postgres(pg) => json!({
                 "checkpoint_lsn": format!("{:X}/{:X}", checkpoint.major >> 32, checkpoint.major & 0xffff_ffff),
                 "slot": pg.slot,
-                "slot_state": slot,
+                "slot_state": slot_info(pg.url.expose(), &pg.slot).await,
             }),
-        );
+            // Offsets live in the consumer group (kafka-consumer-groups --describe).
+            SourceConfig::Debezium(d) => json!({
+                "checkpoint_batch": checkpoint.major,
+                "brokers": d.brokers,
+                "group_id": d.group_id.clone().unwrap_or_else(|| format!("viewkeeper-{name}")),
+            }),
+        };
+        sources.insert(name.clone(), report);
     }
     let report = json!({
         "data_dir": data_dir.display().to_string(),

@@ -155,6 +155,60 @@ impl fmt::Debug for SecretUrl {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
     Postgres(PostgresSource),
+    /// Debezium change-event topics in Kafka (JsonConverter, with or without schemas).
+    Debezium(DebeziumSource),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebeziumSource {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:19092`.
+    pub brokers: String,
+    /// The connector's `topic.prefix`: table `schema.table` is read from
+    /// `<topic_prefix>.<schema>.<table>` unless `topics` names another topic.
+    pub topic_prefix: String,
+    /// Consumer group; default `viewkeeper-<source name>`.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Table name (`[tables.NAME]`) → topic, where Debezium's naming is not used.
+    #[serde(default)]
+    pub topics: BTreeMap<String, String>,
+    /// Table name → column → type, for topics without schemas (`schemas.enable=false`):
+    /// e.g. `products = { price = "decimal(2)" }`. A schema in the message wins.
+    #[serde(default)]
+    pub column_types: BTreeMap<String, BTreeMap<String, String>>,
+    /// Extra librdkafka consumer properties (security, fetch sizes, …).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    #[serde(default = "DebeziumSource::default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Records per batch at most.
+    #[serde(default = "DebeziumSource::default_max_batch_records")]
+    pub max_batch_records: usize,
+    /// On a rebalance, how long to wait for the engine to acknowledge what was read
+    /// before the partitions go (what is not acknowledged by then is replayed).
+    #[serde(default = "DebeziumSource::default_revoke_timeout_ms")]
+    pub revoke_timeout_ms: u64,
+}
+
+impl DebeziumSource {
+    fn default_session_timeout_ms() -> u64 {
+        10_000
+    }
+    fn default_max_batch_records() -> usize {
+        5_000
+    }
+    fn default_revoke_timeout_ms() -> u64 {
+        30_000
+    }
+
+    /// The topic of table `alias` (`schema.table` `name`).
+    pub fn topic_of(&self, alias: &str, name: &str) -> String {
+        self.topics
+            .get(alias)
+            .cloned()
+            .unwrap_or_else(|| format!("{}.{name}", self.topic_prefix))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -341,6 +395,44 @@ impl Config {
                         out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
                     }
                 }
+                SourceConfig::Debezium(d) => {
+                    let p = format!("sources.{name}");
+                    if d.brokers.trim().is_empty() {
+                        out.push(format!("{p}.brokers: empty; e.g. brokers = \"127.0.0.1:19092\""));
+                    }
+                    if d.topic_prefix.trim().is_empty() {
+                        out.push(format!(
+                            "{p}.topic_prefix: empty; the Debezium connector's topic.prefix, e.g. \"catalog\""
+                        ));
+                    }
+                    if d.max_batch_records == 0 {
+                        out.push(format!("{p}.max_batch_records: must be at least 1"));
+                    }
+                    let own = |t: &String| self.tables.get(t).is_some_and(|t| &t.source == name);
+                    for t in d.topics.keys().filter(|t| !own(t)) {
+                        out.push(format!("{p}.topics.{t}: no table '{t}' reads from source '{name}'"));
+                    }
+                    for (t, cols) in &d.column_types {
+                        if !own(t) {
+                            out.push(format!(
+                                "{p}.column_types.{t}: no table '{t}' reads from source '{name}'"
+                            ));
+                        }
+                        for (c, ty) in cols {
+                            if let Err(e) = viewkeeper_connectors::debezium::ColumnType::from_hint(ty) {
+                                out.push(format!("{p}.column_types.{t}.{c}: {e}"));
+                            }
+                        }
+                    }
+                    for k in d.properties.keys() {
+                        if viewkeeper_connectors::kafka::OWN_PROPERTIES.contains(&k.as_str()) {
+                            out.push(format!("{p}.properties.{k}: set by viewkeeper itself (use the source's own keys: brokers, group_id, session_timeout_ms)"));
+                        }
+                    }
+                    if !self.tables.values().any(|t| &t.source == name) {
+                        out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
+                    }
+                }
             }
         }
         for (name, t) in &self.tables {
@@ -468,7 +560,9 @@ mod tests {
             jail.set_env("VIEWKEEPER__SOURCES__CATALOG__URL", "postgres://u@db:5432/catalog");
             jail.set_env("VIEWKEEPER__ENGINE__MAX_BATCH_CHANGES", "7");
             let c = Config::load(Path::new("c.toml")).expect("valid");
-            let SourceConfig::Postgres(pg) = &c.sources["catalog"];
+            let SourceConfig::Postgres(pg) = &c.sources["catalog"] else {
+                panic!("a postgres source")
+            };
             assert_eq!(pg.url.expose(), "postgres://u@db:5432/catalog");
             assert_eq!(c.engine.max_batch_changes, 7);
             assert_eq!(c.data_dir, PathBuf::from("d"));
@@ -511,6 +605,69 @@ mod tests {
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    const DEBEZIUM: &str = r#"
+        [sources.catalog]
+        kind = "debezium"
+        brokers = "127.0.0.1:19092"
+        topic_prefix = "catalog"
+        topics = { products = "cat.products.v2" }
+        column_types = { products = { price = "decimal(2)" } }
+        [tables.products]
+        source = "catalog"
+        name = "public.products"
+        [tables.tags]
+        source = "catalog"
+        name = "public.tags"
+        [sinks.cache]
+        kind = "redis"
+        url = "redis://127.0.0.1:63799"
+        [projections.ordering_product]
+        root = "products"
+        sink = "cache"
+        key = "ordering:product:{id}"
+        fields = ["sku", "name"]
+    "#;
+
+    #[test]
+    fn debezium_sources_name_topics_and_check_hints() {
+        let c = load(DEBEZIUM).unwrap();
+        let SourceConfig::Debezium(d) = &c.sources["catalog"] else {
+            panic!("a debezium source")
+        };
+        assert_eq!(d.topic_of("products", "public.products"), "cat.products.v2");
+        assert_eq!(d.topic_of("tags", "public.tags"), "catalog.public.tags");
+        assert_eq!(d.session_timeout_ms, 10_000);
+        let bad = DEBEZIUM.replace("decimal(2)", "money").replace(
+            "topics = { products",
+            "properties = { \"group.id\" = \"x\" }\n        topics = { nope",
+        );
+        let err = load(&bad).unwrap_err().to_string();
+        for needle in [
+            "sources.catalog.column_types.products.price: unknown column type 'money'",
+            "sources.catalog.topics.nope: no table 'nope' reads from source 'catalog'",
+            "sources.catalog.properties.group.id: set by viewkeeper itself",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    /// config/shop-debezium.toml is config/shop.toml with other sources: the rest must
+    /// not drift apart.
+    #[test]
+    fn shop_configs_differ_only_in_their_sources() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/");
+        let pg = Config::load(Path::new(&format!("{dir}shop.toml"))).unwrap();
+        let dbz = Config::load(Path::new(&format!("{dir}shop-debezium.toml"))).unwrap();
+        assert_eq!(format!("{:?}", pg.tables), format!("{:?}", dbz.tables));
+        assert_eq!(format!("{:?}", pg.sinks), format!("{:?}", dbz.sinks));
+        assert_eq!(format!("{:?}", pg.projections), format!("{:?}", dbz.projections));
+        assert_eq!(
+            pg.sources.keys().collect::<Vec<_>>(),
+            dbz.sources.keys().collect::<Vec<_>>()
+        );
+        assert!(dbz.sources.values().all(|s| matches!(s, SourceConfig::Debezium(_))));
     }
 
     #[test]

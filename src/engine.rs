@@ -478,7 +478,7 @@ impl Engine {
             for d in &b.dead_letters {
                 source_letters.push(DeadLetter {
                     source: b.source.clone(),
-                    position: d.position.to_string(),
+                    position: d.position.clone(),
                     table: d.table.clone(),
                     key: d.key.clone(),
                     stage: "decode".into(),

@@ -18,7 +18,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use viewkeeper_connectors::debezium::{ColumnType, TopicTable};
 use viewkeeper_connectors::elasticsearch::{SearchSettings, SearchSink};
+use viewkeeper_connectors::kafka::{KafkaSource, KafkaSourceSettings};
 use viewkeeper_connectors::postgres::decode::TableBinding;
 use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
 use viewkeeper_connectors::redis::RedisSink;
@@ -167,6 +169,34 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         let (ack_tx, ack_rx) = watch::channel(checkpoint.unwrap_or(Position::ZERO));
         acks.insert(name.clone(), ack_tx);
         match sc {
+            SourceConfig::Debezium(_) if mode == Mode::Backfill => {
+                // The connector's own snapshot (op `r`) is the initial load of a topic.
+                info!(source = %name, "Debezium source: nothing to backfill (the connector's snapshot is in its topics; `run` reads them)");
+            }
+            SourceConfig::Debezium(d) => {
+                let mut topics = HashMap::new();
+                for (alias, t) in cfg.tables.iter().filter(|(_, t)| &t.source == name) {
+                    let mut table = TopicTable::new(alias.clone(), t.primary_key.clone());
+                    for (col, hint) in d.column_types.get(alias).into_iter().flatten() {
+                        table = table
+                            .with_column_type(col.clone(), ColumnType::from_hint(hint).map_err(anyhow::Error::msg)?);
+                    }
+                    topics.insert(d.topic_of(alias, &t.name), table);
+                }
+                let src = KafkaSource::new(KafkaSourceSettings {
+                    name: name.clone(),
+                    brokers: d.brokers.clone(),
+                    group_id: d.group_id.clone().unwrap_or_else(|| format!("viewkeeper-{name}")),
+                    topics,
+                    properties: d.properties.clone(),
+                    session_timeout_ms: d.session_timeout_ms,
+                    max_batch_records: d.max_batch_records,
+                    revoke_timeout: Duration::from_millis(d.revoke_timeout_ms),
+                    streaming: health.sources[name].clone(),
+                });
+                let (tx, sd) = (tx.clone(), shutdown.clone());
+                sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });
+            }
             SourceConfig::Postgres(pg) => {
                 let tables: HashMap<String, TableBinding> = cfg
                     .tables

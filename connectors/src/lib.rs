@@ -4,6 +4,7 @@
 
 pub mod debezium;
 pub mod elasticsearch;
+pub mod kafka;
 pub mod postgres;
 pub mod redis;
 pub mod sink;

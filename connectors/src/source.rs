@@ -54,7 +54,8 @@ pub struct TableProgress {
 /// A change the source could not decode: kept with its reason, never dropped silently.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceDeadLetter {
-    pub position: Position,
+    /// Where in the source: a position (`LSN#ordinal`) or `topic[partition]@offset`.
+    pub position: String,
     pub table: String,
     pub key: String,
     pub reason: String,

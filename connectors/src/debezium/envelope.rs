@@ -173,11 +173,12 @@ pub enum ErrorKind {
 
 impl DecodeError {
     /// The dead letter that keeps the undecodable record with its reason. `position` is
-    /// the caller's (the record's own could not be read); key and value are kept as text.
+    /// the caller's (the record's own could not be read: `topic[partition]@offset`); key
+    /// and value are kept as text.
     pub fn dead_letter(
         &self,
         table: &str,
-        position: Position,
+        position: String,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
     ) -> SourceDeadLetter {

@@ -105,6 +105,47 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// A configured hint for messages without schemas: `decimal(S)` (precise decimals,
+    /// base64 unscaled with scale `S`), `decimal` (string mode or `VariableScaleDecimal`),
+    /// `date`, `time`, `micro_time`, `nano_time`, `timestamp`, `micro_timestamp`,
+    /// `nano_timestamp`, `zoned_timestamp`, `json`, `uuid`, `bytes`, or `T[]` for arrays.
+    pub fn from_hint(hint: &str) -> Result<ColumnType, String> {
+        let h = hint.trim();
+        if let Some(elem) = h.strip_suffix("[]") {
+            return Ok(ColumnType::Array(Box::new(ColumnType::from_hint(elem)?)));
+        }
+        if let Some(scale) = h.strip_prefix("decimal(").and_then(|r| r.strip_suffix(')')) {
+            let scale: i32 = scale
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{hint}': the scale must be an integer, e.g. decimal(2)"))?;
+            if scale.unsigned_abs() > MAX_SCALE {
+                return Err(format!("'{hint}': scale beyond {MAX_SCALE}"));
+            }
+            return Ok(ColumnType::Decimal { scale: Some(scale) });
+        }
+        Ok(match h {
+            "decimal" => ColumnType::Decimal { scale: None },
+            "date" => ColumnType::Date,
+            "time" => ColumnType::Time,
+            "micro_time" => ColumnType::MicroTime,
+            "nano_time" => ColumnType::NanoTime,
+            "timestamp" => ColumnType::Timestamp,
+            "micro_timestamp" => ColumnType::MicroTimestamp,
+            "nano_timestamp" => ColumnType::NanoTimestamp,
+            "zoned_timestamp" => ColumnType::ZonedTimestamp,
+            "json" => ColumnType::Json,
+            "uuid" => ColumnType::Uuid,
+            "bytes" => ColumnType::Bytes,
+            _ => {
+                return Err(format!(
+                    "unknown column type '{hint}' (expected decimal(S), decimal, date, time, micro_time, nano_time, timestamp, \
+                     micro_timestamp, nano_timestamp, zoned_timestamp, json, uuid, bytes, or T[])"
+                ))
+            }
+        })
+    }
+
     /// The type of one field of a Connect struct schema as JsonConverter writes it
     /// (`{"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal",
     /// "parameters": {"scale": "2"}, "field": "price"}`). Unknown logical names are
@@ -342,6 +383,21 @@ pub(crate) mod tests {
             Ok(Cell::Value(out)) => out,
             other => panic!("{v} as {ty:?}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn configured_hints_parse_or_say_what_is_expected() {
+        let h = |s: &str| ColumnType::from_hint(s);
+        assert_eq!(h("decimal(2)"), Ok(ColumnType::Decimal { scale: Some(2) }));
+        assert_eq!(h(" decimal( -3 ) "), Ok(ColumnType::Decimal { scale: Some(-3) }));
+        assert_eq!(h("decimal"), Ok(ColumnType::Decimal { scale: None }));
+        assert_eq!(h("micro_timestamp"), Ok(ColumnType::MicroTimestamp));
+        assert_eq!(h("uuid[]"), Ok(ColumnType::Array(Box::new(ColumnType::Uuid))));
+        assert!(h("decimal(x)").unwrap_err().contains("integer"));
+        assert!(h("decimal(99999)").unwrap_err().contains("scale"));
+        assert!(h("money").unwrap_err().contains("unknown column type 'money'"));
+        // A hint decodes a precise decimal without a schema: 1234 unscaled, scale 2.
+        assert_eq!(value(json!("BNI="), h("decimal(2)").unwrap()), json!("12.34"));
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl TxDecoder {
                         }),
                         Some(_) => {}
                         None => out.dead_letters.push(SourceDeadLetter {
-                            position: p,
+                            position: p.to_string(),
                             table: format!("relation {id}"),
                             key: String::new(),
                             reason: "TRUNCATE of a relation that was never described (no Relation message)".into(),
@@ -162,7 +162,7 @@ impl TxDecoder {
         out: &mut Decoded,
     ) {
         let dead = |table: String, key: String, reason: String, payload: String| SourceDeadLetter {
-            position,
+            position: position.to_string(),
             table,
             key,
             reason,

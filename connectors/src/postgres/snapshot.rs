@@ -51,7 +51,7 @@ pub fn row_change(
         let v = match text {
             None => Value::Null,
             Some(t) => values::text_to_json(*oid, t).map_err(|e| SourceDeadLetter {
-                position,
+                position: position.to_string(),
                 table: table.to_string(),
                 key: String::new(),
                 reason: format!("snapshot: column {name}: {e}"),
@@ -62,7 +62,7 @@ pub fn row_change(
         cells.push((name.clone(), Cell::Value(v)));
     }
     let key = Key::of_row(&row, &binding.primary_key).ok_or_else(|| SourceDeadLetter {
-        position,
+        position: position.to_string(),
         table: table.to_string(),
         key: String::new(),
         reason: format!("snapshot: primary key {:?} is missing or null", binding.primary_key),

@@ -454,7 +454,7 @@ impl PgSource {
                         Ok(m) => m,
                         Err(e) => {
                             let dl = SourceDeadLetter {
-                                position: Position::new(wal_end.as_u64(), 0),
+                                position: Position::new(wal_end.as_u64(), 0).to_string(),
                                 table: String::new(),
                                 key: String::new(),
                                 reason: format!("malformed pgoutput message: {e}"),

@@ -68,7 +68,7 @@ fn errors_name_topic_path_and_problem() {
     // Dead letters keep the record and the reason.
     let dl = e.dead_letter(
         "customers",
-        Position::new(0, 7),
+        "customers[0]@7".into(),
         Some(b"{\"k\":1}"),
         Some(del.as_bytes()),
     );
