@@ -17,7 +17,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 echo "== starting servers"
-scripts/services.sh up postgres redis opensearch
+scripts/services.sh up postgres redis kafka opensearch
 
 echo "== fmt and clippy"
 cargo fmt --all -- --check

@@ -2,7 +2,8 @@
 //! the real `viewkeeper` binary as a child process, and waits on conditions with
 //! deadlines (never bare sleeps).
 //!
-//! Servers: each endpoint comes from the environment (`VK_PG_URL`, `VK_REDIS_URL`), so
+//! Servers: each endpoint comes from the environment (`VK_PG_URL`, `VK_REDIS_URL`,
+//! `VK_OPENSEARCH_URL`, `VK_KAFKA_BROKERS`), so
 //! the suite can run against any server; otherwise the local servers of
 //! `scripts/services.sh` (started here if they are not up).
 #![allow(dead_code)]
@@ -24,6 +25,8 @@ pub struct Servers {
     pub redis: String,
     /// Elasticsearch/OpenSearch base URL.
     pub search: String,
+    /// Kafka bootstrap servers.
+    pub kafka: String,
 }
 
 /// The servers, started through `scripts/services.sh` when not given by the env.
@@ -33,13 +36,26 @@ pub fn servers() -> &'static Servers {
         let pg = std::env::var("VK_PG_URL").ok();
         let redis = std::env::var("VK_REDIS_URL").ok();
         let search = std::env::var("VK_OPENSEARCH_URL").ok();
-        if pg.is_none() || redis.is_none() || search.is_none() {
+        let kafka = std::env::var("VK_KAFKA_BROKERS").ok();
+        let mut missing = vec![];
+        for (have, name) in [
+            (pg.is_some(), "postgres"),
+            (redis.is_some(), "redis"),
+            (search.is_some(), "opensearch"),
+            (kafka.is_some(), "kafka"),
+        ] {
+            if !have {
+                missing.push(name);
+            }
+        }
+        if !missing.is_empty() {
             let st = Command::new(format!("{REPO}/scripts/services.sh"))
-                .args(["up", "postgres", "redis", "opensearch"])
+                .arg("up")
+                .args(&missing)
                 .stdout(Stdio::null())
                 .status()
                 .expect("run scripts/services.sh");
-            assert!(st.success(), "scripts/services.sh up postgres redis opensearch failed");
+            assert!(st.success(), "scripts/services.sh up {missing:?} failed");
         }
         let pg = pg.unwrap_or_else(|| "postgres://postgres@127.0.0.1:54329/postgres".into());
         let pg = pg.rsplit_once('/').map(|(a, _)| a.to_string()).unwrap();
@@ -49,6 +65,7 @@ pub fn servers() -> &'static Servers {
             pg,
             redis: redis.unwrap_or_else(|| "redis://127.0.0.1:63799".into()),
             search,
+            kafka: kafka.unwrap_or_else(|| "127.0.0.1:19092".into()),
         }
     })
 }
@@ -158,7 +175,27 @@ impl Shop {
     /// config/shop.toml rewritten for this shop (databases, slots, key prefix) plus
     /// `extra` TOML appended.
     pub fn config(&self, extra: &str) -> PathBuf {
-        let mut text = std::fs::read_to_string(format!("{REPO}/config/shop.toml")).unwrap();
+        self.config_from("shop.toml", extra)
+    }
+
+    /// A file of `config/` rewritten like [`Shop::config`]; for config/shop-debezium.toml
+    /// the topics (`<prefix>_<service>.public.<table>`), consumer groups and broker too.
+    pub fn config_from(&self, file: &str, extra: &str) -> PathBuf {
+        let mut text = std::fs::read_to_string(format!("{REPO}/config/{file}")).unwrap();
+        text = text.replace(
+            "brokers = \"127.0.0.1:19092\"",
+            &format!("brokers = \"{}\"", servers().kafka),
+        );
+        for svc in ["identity", "catalog", "ordering"] {
+            // Tansu joins a group after about session.timeout.ms / 2.
+            text = text.replace(
+                &format!("topic_prefix = \"{svc}\""),
+                &format!(
+                    "topic_prefix = \"{0}_{svc}\"\ngroup_id = \"{0}_{svc}\"\nsession_timeout_ms = 6000",
+                    self.prefix
+                ),
+            );
+        }
         for svc in ["identity", "catalog", "ordering"] {
             text = text
                 .replace(
