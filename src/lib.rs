@@ -8,4 +8,5 @@ pub mod engine;
 pub mod http;
 pub mod logging;
 pub mod store;
+pub mod verify;
 pub mod worker;

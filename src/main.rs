@@ -54,6 +54,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every read model with the source databases (missing, stale, extra,
+    /// unresolved); exit code 0 only when clean. `--repair` re-writes what differs.
+    /// Works beside a running worker (differences are re-checked before they count).
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        projection: Option<String>,
+        #[arg(long)]
+        repair: bool,
+        /// Every finding, as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// The dead-letter store: what could not be applied, where it came from, and why.
     Dlq {
         #[command(subcommand)]
@@ -134,6 +150,28 @@ fn real_main() -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
             viewkeeper::admin::dlq_show(&cfg, &dir, id)
+        }
+        Cmd::Verify {
+            config,
+            data_dir,
+            projection,
+            repair,
+            json,
+        } => {
+            let cfg = Config::load(&config)?;
+            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let clean = rt.block_on(viewkeeper::verify::verify(
+                &cfg,
+                &dir,
+                projection.as_deref(),
+                repair,
+                json,
+            ))?;
+            if !clean {
+                anyhow::bail!("the read models differ from the sources (listed above)");
+            }
+            Ok(())
         }
         Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
         Cmd::Backfill {

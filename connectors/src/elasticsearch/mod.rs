@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use viewkeeper_projections::spec::IndexSpec;
 
+#[derive(Clone)]
 pub struct SearchSink {
     name: String,
     client: Elasticsearch,
@@ -302,6 +303,61 @@ impl SearchSink {
         self.call_ok(Method::Post, "/_aliases", &json!({ "actions": actions }), "alias swap")
             .await
             .map(|_| ())
+    }
+
+    /// Every document behind `alias` as `(id, _source)`, through a scroll (`verify`).
+    pub async fn scan(&self, alias: &str) -> Result<Vec<(String, Value)>, SinkError> {
+        let mut out = Vec::new();
+        let mut v = self
+            .call_ok(
+                Method::Post,
+                &format!("/{alias}/_search?scroll=2m"),
+                &json!({"size": 1000, "sort": ["_doc"], "query": {"match_all": {}}}),
+                "scroll",
+            )
+            .await?;
+        loop {
+            let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
+            let id = v["_scroll_id"].as_str().map(str::to_string);
+            for h in &hits {
+                if let Some(i) = h["_id"].as_str() {
+                    out.push((i.to_string(), h["_source"].clone()));
+                }
+            }
+            match id {
+                Some(id) if !hits.is_empty() => {
+                    v = self
+                        .call_ok(
+                            Method::Post,
+                            "/_search/scroll",
+                            &json!({"scroll": "2m", "scroll_id": id}),
+                            "scroll",
+                        )
+                        .await?;
+                }
+                Some(id) => {
+                    let _ = self
+                        .call(
+                            Method::Delete,
+                            "/_search/scroll",
+                            Some(serde_json::to_vec(&json!({"scroll_id": id})).expect("JSON")),
+                        )
+                        .await;
+                    return Ok(out);
+                }
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// One document's `_source` through `alias`, `None` when missing.
+    pub async fn get(&self, alias: &str, id: &str) -> Result<Option<Value>, SinkError> {
+        let (status, v) = self.call(Method::Get, &format!("/{alias}/_doc/{id}"), None).await?;
+        match status {
+            200 if v["found"] != json!(false) => Ok(Some(v["_source"].clone())),
+            200 | 404 => Ok(None),
+            _ => Err(self.fail(format!("get {id} answered {status}: {v}"))),
+        }
     }
 
     pub async fn delete_index(&self, index: &str) -> Result<(), SinkError> {

@@ -37,6 +37,7 @@ end
 return 1
 "#;
 
+#[derive(Clone)]
 pub struct RedisSink {
     name: String,
     conn: ConnectionManager,
@@ -45,7 +46,7 @@ pub struct RedisSink {
 }
 
 /// How a JSON value is stored in a hash field; `None` leaves the field out.
-fn field_text(v: &Value) -> Option<String> {
+pub fn field_text(v: &Value) -> Option<String> {
     match v {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
@@ -72,6 +73,86 @@ impl RedisSink {
             script,
             pipeline: pipeline.max(1),
         })
+    }
+
+    /// The hashes at `keys` (empty for a missing key), for `verify`.
+    pub async fn read(&self, keys: &[String]) -> Result<Vec<std::collections::BTreeMap<String, String>>, SinkError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.pipeline) {
+            let mut pipe = redis::pipe();
+            for k in chunk {
+                pipe.hgetall(k);
+            }
+            let mut conn = self.conn.clone();
+            let r: Vec<std::collections::BTreeMap<String, String>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.transient("HGETALL", e))?;
+            out.extend(r);
+        }
+        Ok(out)
+    }
+
+    /// Every key matching `pattern` (SCAN, not KEYS: it does not block the server).
+    pub async fn scan(&self, pattern: &str) -> Result<Vec<String>, SinkError> {
+        let mut conn = self.conn.clone();
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.transient("SCAN", e))?;
+            out.extend(keys);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    pub async fn members(&self, set: &str) -> Result<std::collections::BTreeSet<String>, SinkError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SMEMBERS")
+            .arg(set)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.transient("SMEMBERS", e))
+    }
+
+    /// Removes entries no row stands behind (`verify --repair`), and their set members.
+    pub async fn remove(&self, keys: &[String], set: Option<(&str, &[String])>) -> Result<(), SinkError> {
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.del(k).ignore();
+        }
+        if let Some((set, members)) = set.filter(|(_, m)| !m.is_empty()) {
+            pipe.srem(set, members).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.transient("DEL", e))
+    }
+
+    /// Adds or removes set members (`verify --repair` of the active set).
+    pub async fn set_members(&self, set: &str, add: &[String], rem: &[String]) -> Result<(), SinkError> {
+        let mut pipe = redis::pipe();
+        if !add.is_empty() {
+            pipe.sadd(set, add).ignore();
+        }
+        if !rem.is_empty() {
+            pipe.srem(set, rem).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.transient("SADD/SREM", e))
     }
 
     fn transient(&self, what: &str, e: impl std::fmt::Display) -> SinkError {
