@@ -2,11 +2,13 @@
 //! the state store read-only, so they work beside a running worker (SQLite WAL mode
 //! gives them a consistent snapshot) and with the worker stopped.
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::store::{Catalog, DeadLetter, Store};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
+use viewkeeper_connectors::elasticsearch::{SearchSettings, SearchSink};
+use viewkeeper_connectors::redis::RedisSink;
 
 fn open(cfg: &Config, data_dir: &Path) -> anyhow::Result<Store> {
     let catalog = Catalog {
@@ -80,7 +82,8 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
     let mut sources = serde_json::Map::new();
     for (name, sc) in &cfg.sources {
         let checkpoint = store.checkpoint(name)?.unwrap_or_default();
-        let report = match sc {
+        let updated = store.checkpoint_updated_ms(name)?.map(ms_text);
+        let mut report = match sc {
             SourceConfig::Postgres(pg) => json!({
                 "checkpoint_lsn": format!("{:X}/{:X}", checkpoint.major >> 32, checkpoint.major & 0xffff_ffff),
                 "slot": pg.slot,
@@ -93,11 +96,36 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
                 "group_id": d.group_id.clone().unwrap_or_else(|| format!("viewkeeper-{name}")),
             }),
         };
+        report["checkpoint_updated_at"] = json!(updated);
         sources.insert(name.clone(), report);
+    }
+    let mut sinks = serde_json::Map::new();
+    for (name, sc) in &cfg.sinks {
+        sinks.insert(name.clone(), sink_health(cfg, name, sc).await);
+    }
+    let mut projections = serde_json::Map::new();
+    for (name, p) in &cfg.projections {
+        let last_write = cfg
+            .tables
+            .iter()
+            .filter(|(t, _)| *t == &p.root || p.relations.iter().any(|r| uses(r, t)))
+            .filter_map(|(_, t)| store.checkpoint_updated_ms(&t.source).ok().flatten())
+            .max()
+            .map(ms_text);
+        projections.insert(
+            name.clone(),
+            json!({
+                "sink": p.sink,
+                "documents": projection_count(cfg, p).await,
+                "last_write_at": last_write,
+            }),
+        );
     }
     let report = json!({
         "data_dir": data_dir.display().to_string(),
         "sources": sources,
+        "sinks": sinks,
+        "projections": projections,
         "rows": store.row_counts()?,
         "dead_letters": store.dead_letter_count()?,
     });
@@ -107,6 +135,70 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+fn ms_text(ms: i64) -> String {
+    viewkeeper_projections::model::format_ms(ms)
+}
+
+fn uses(r: &viewkeeper_projections::spec::RelationSpec, table: &str) -> bool {
+    r.table == table || r.relations.iter().any(|c| uses(c, table))
+}
+
+fn search_sink(cfg: &Config, name: &str, e: &crate::config::SearchSink) -> anyhow::Result<SearchSink> {
+    Ok(SearchSink::new(
+        name,
+        &SearchSettings {
+            url: e.url.expose().to_string(),
+            max_bulk_bytes: e.max_bulk_bytes,
+            request_timeout: std::time::Duration::from_millis(e.request_timeout_ms.min(10_000)),
+            retry_min: std::time::Duration::from_millis(cfg.engine.retry_min_ms),
+            retry_max: std::time::Duration::from_millis(cfg.engine.retry_max_ms),
+            item_retries: e.item_retries,
+        },
+    )?)
+}
+
+/// Reachable or not, with the error.
+async fn sink_health(cfg: &Config, name: &str, sc: &SinkConfig) -> Value {
+    let r: anyhow::Result<()> = async {
+        match sc {
+            SinkConfig::Redis(r) => {
+                RedisSink::connect(name, r.url.expose(), 1).await?;
+            }
+            SinkConfig::Elasticsearch(e) => {
+                search_sink(cfg, name, e)?.alias_target("_viewkeeper_probe").await?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match r {
+        Ok(()) => json!({"reachable": true}),
+        Err(e) => json!({"reachable": false, "error": e.to_string()}),
+    }
+}
+
+/// Documents behind the alias, or cache entries matching the key template.
+async fn projection_count(cfg: &Config, p: &viewkeeper_projections::spec::ProjectionSpec) -> Value {
+    let r: anyhow::Result<u64> = async {
+        match &cfg.sinks[&p.sink] {
+            SinkConfig::Redis(r) => {
+                let s = RedisSink::connect(&p.sink, r.url.expose(), 1).await?;
+                let pattern = crate::verify::key_pattern(p.key.as_deref().unwrap_or_default());
+                Ok(s.scan(&pattern).await?.len() as u64)
+            }
+            SinkConfig::Elasticsearch(e) => {
+                let alias = p.index.as_ref().map(|i| i.alias.clone()).unwrap_or_default();
+                Ok(search_sink(cfg, &p.sink, e)?.count(&alias).await?)
+            }
+        }
+    }
+    .await;
+    match r {
+        Ok(n) => json!(n),
+        Err(e) => json!({"error": e.to_string()}),
+    }
 }
 
 /// The slot as Postgres sees it: active, confirmed flush, WAL it retains.
@@ -120,7 +212,7 @@ async fn slot_info(url: &str, slot: &str) -> Value {
     match client
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text, coalesce(wal_status, ''),
-                    (pg_current_wal_lsn() - restart_lsn)::bigint
+                    (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -131,6 +223,7 @@ async fn slot_info(url: &str, slot: &str) -> Value {
             "confirmed_flush_lsn": r.get::<_, Option<String>>(1),
             "wal_status": r.get::<_, String>(2),
             "retained_wal_bytes": r.get::<_, Option<i64>>(3),
+            "lag_bytes": r.get::<_, Option<i64>>(4),
         }),
         Ok(None) => json!({ "error": "slot does not exist" }),
         Err(e) => json!({ "error": e.to_string() }),

@@ -89,9 +89,15 @@ pub struct HttpConfig {
     /// Loopback by default; `127.0.0.1:0` picks a free port (logged).
     #[serde(default = "HttpConfig::default_listen")]
     pub listen: String,
+    /// `/readyz` answers 503 while a source's replication lag exceeds this.
+    #[serde(default = "HttpConfig::default_max_lag_seconds")]
+    pub max_lag_seconds: f64,
 }
 
 impl HttpConfig {
+    fn default_max_lag_seconds() -> f64 {
+        300.0
+    }
     fn default_enabled() -> bool {
         true
     }
@@ -103,6 +109,7 @@ impl HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
+            max_lag_seconds: Self::default_max_lag_seconds(),
             enabled: Self::default_enabled(),
             listen: Self::default_listen(),
         }

@@ -90,6 +90,8 @@ pub struct Engine {
     pub held: BTreeMap<String, Position>,
     /// Readiness flags for `/readyz` (the worker's; `None` for one-shot commands).
     pub health: Option<Arc<crate::http::Health>>,
+    /// When `viewkeeper_state_store_bytes` was last measured.
+    pub last_size_check: Option<std::time::Instant>,
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -210,6 +212,37 @@ impl Engine {
             .increment(batches.iter().map(|b| b.changes.len() as u64).sum());
         for (source, pos) in &checkpoints {
             metrics::gauge!("viewkeeper_checkpoint_lsn", "source" => source.clone()).set(pos.major as f64);
+        }
+        // Lag in seconds: from the commit of the newest change applied to now (0 for a
+        // batch without changes: the source had nothing newer to send).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut lags: BTreeMap<&str, f64> = BTreeMap::new();
+        for b in batches.iter().filter(|b| b.snapshot.is_none()) {
+            let lag = b
+                .changes
+                .iter()
+                .map(|c| c.commit_time_ms)
+                .max()
+                .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
+            lags.insert(&b.source, lag);
+        }
+        for (source, lag) in lags {
+            metrics::gauge!("viewkeeper_replication_lag_seconds", "source" => source.to_string()).set(lag);
+            if let Some(h) = &self.health {
+                h.lag_seconds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(source.to_string(), lag);
+            }
+        }
+        if self
+            .last_size_check
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.last_size_check = Some(std::time::Instant::now());
+            metrics::gauge!("viewkeeper_state_store_bytes").set(self.store.size_bytes() as f64);
         }
         for (source, pos) in acks {
             if self.held.contains_key(&source) {

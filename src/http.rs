@@ -1,7 +1,7 @@
 //! The worker's HTTP listener (default `127.0.0.1:9464`, loopback by default):
 //! `/metrics` (Prometheus text, metrics named `viewkeeper_…`), `/healthz` (the process
-//! answers), `/readyz` (every source is streaming and the last sink write succeeded;
-//! 503 with the reasons otherwise).
+//! answers), `/readyz` (every source is streaming, the last sink write succeeded and no
+//! source lags more than `http.max_lag_seconds`; 503 with the reasons otherwise).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,6 +22,11 @@ pub struct Health {
     pub sources: BTreeMap<String, Arc<AtomicBool>>,
     /// The last sink write succeeded (false while a sink is failing).
     pub sinks_ok: AtomicBool,
+    /// Per source: seconds between the commit of the newest change applied and its
+    /// apply (0 when caught up), as set by the engine.
+    pub lag_seconds: std::sync::Mutex<BTreeMap<String, f64>>,
+    /// `/readyz` fails while a source lags more than this.
+    pub max_lag_seconds: f64,
 }
 
 impl Health {
@@ -35,6 +40,14 @@ impl Health {
         }
         if !self.sinks_ok.load(Ordering::Relaxed) {
             why.push("the last sink write failed (or none succeeded yet)".into());
+        }
+        for (name, lag) in self.lag_seconds.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if *lag > self.max_lag_seconds {
+                why.push(format!(
+                    "source {name} lags {lag:.1} s (bound http.max_lag_seconds = {})",
+                    self.max_lag_seconds
+                ));
+            }
         }
         (why.is_empty(), why)
     }
@@ -92,4 +105,40 @@ pub async fn serve(
             .await;
     });
     Ok((addr, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_every_reason() {
+        let h = Health {
+            max_lag_seconds: 30.0,
+            ..Default::default()
+        };
+        h.sinks_ok.store(true, Ordering::Relaxed);
+        assert_eq!(h.ready(), (true, vec![]));
+        h.lag_seconds.lock().unwrap().insert("catalog".into(), 45.5);
+        let (ok, why) = h.ready();
+        assert!(!ok);
+        assert_eq!(
+            why,
+            vec!["source catalog lags 45.5 s (bound http.max_lag_seconds = 30)".to_string()]
+        );
+        h.lag_seconds.lock().unwrap().insert("catalog".into(), 0.0);
+        h.sinks_ok.store(false, Ordering::Relaxed);
+        let mut with_source = Health {
+            max_lag_seconds: 30.0,
+            ..Default::default()
+        };
+        with_source
+            .sources
+            .insert("identity".into(), Arc::new(AtomicBool::new(false)));
+        let (ok, why) = with_source.ready();
+        assert!(!ok);
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert!(why[0].contains("identity is not streaming"));
+        assert!(!h.ready().0);
+    }
 }

@@ -229,6 +229,18 @@ impl Store {
             .optional()?)
     }
 
+    /// When the checkpoint of `source` last advanced (unix ms).
+    pub fn checkpoint_updated_ms(&self, source: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT updated_ms FROM checkpoints WHERE source = ?1",
+                params![source],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Records that everything of these sources up to the positions is in the state
     /// store and acknowledged by every sink. Call only then.
     pub fn set_checkpoints(&mut self, positions: &BTreeMap<String, Position>) -> Result<(), StoreError> {
@@ -324,6 +336,17 @@ impl Store {
     }
 
     /// Number of stored rows per table (tombstones included).
+    /// Size of the database file (pages in use × page size).
+    pub fn size_bytes(&self) -> u64 {
+        self.conn
+            .query_row(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_or(0, |v| v as u64)
+    }
+
     pub fn row_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let mut st = self.conn.prepare("SELECT tbl, count(*) FROM rows GROUP BY tbl")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;

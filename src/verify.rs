@@ -126,6 +126,26 @@ fn member_of(key: &Key) -> String {
         .join(":")
 }
 
+/// The SCAN pattern of a key template: `ordering:product:{id}` → `ordering:product:*`.
+pub fn key_pattern(template: &str) -> String {
+    let mut s = String::new();
+    let mut depth = 0;
+    for ch in template.chars() {
+        match ch {
+            '{' => {
+                depth += 1;
+                if depth == 1 {
+                    s.push('*');
+                }
+            }
+            '}' => depth -= 1,
+            c if depth == 0 => s.push(c),
+            _ => {}
+        }
+    }
+    s
+}
+
 fn has_unresolved(v: &Value) -> bool {
     match v {
         Value::Object(m) => m.get("unresolved") == Some(&json!(true)) || m.values().any(has_unresolved),
@@ -308,25 +328,7 @@ async fn compare(
                 }
             }
             if only.is_none() {
-                let pattern: String = {
-                    let k = p.spec.key.as_deref().unwrap_or_default();
-                    let mut s = String::new();
-                    let mut depth = 0;
-                    for ch in k.chars() {
-                        match ch {
-                            '{' => {
-                                depth += 1;
-                                if depth == 1 {
-                                    s.push('*');
-                                }
-                            }
-                            '}' => depth -= 1,
-                            c if depth == 0 => s.push(c),
-                            _ => {}
-                        }
-                    }
-                    s
-                };
+                let pattern = key_pattern(p.spec.key.as_deref().unwrap_or_default());
                 for k in r.scan(&pattern).await? {
                     if !want.contains_key(&k) {
                         out.push(f(Kind::Extra, &k, "no row behind this entry".into()));

@@ -151,7 +151,10 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         .map(|(i, _)| i)
         .collect();
     // Readiness flags, and the HTTP listener for a long-running worker.
-    let mut health = crate::http::Health::default();
+    let mut health = crate::http::Health {
+        max_lag_seconds: cfg.http.max_lag_seconds,
+        ..Default::default()
+    };
     for name in cfg.sources.keys() {
         health.sources.insert(name.clone(), Default::default());
     }
@@ -247,6 +250,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         defer_snapshot_render: mode == Mode::Backfill,
         held: BTreeMap::new(),
         health: Some(health),
+        last_size_check: None,
     };
     let started = std::time::Instant::now();
     let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
@@ -335,6 +339,7 @@ pub async fn rebuild(
         defer_snapshot_render: false,
         held: BTreeMap::new(),
         health: None,
+        last_size_check: None,
     };
     let started = std::time::Instant::now();
     if !new_index {

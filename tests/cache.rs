@@ -246,6 +246,31 @@ fields = ["name"]
         status["sources"]["catalog"]["slot_state"]["active"],
         serde_json::json!(true)
     );
+    assert!(
+        status["sources"]["catalog"]["slot_state"]["lag_bytes"].is_i64(),
+        "{status}"
+    );
+    assert!(
+        status["sources"]["catalog"]["checkpoint_updated_at"].is_string(),
+        "{status}"
+    );
+    assert_eq!(
+        status["sinks"]["cache"]["reachable"],
+        serde_json::json!(true),
+        "{status}"
+    );
+    assert_eq!(
+        status["sinks"]["search"]["reachable"],
+        serde_json::json!(true),
+        "{status}"
+    );
+    // Two products read, one of them rendered (the other is a dead letter).
+    let entries = status["projections"]["by_description"]["documents"].as_u64();
+    assert_eq!(entries, Some(1), "{status}");
+    assert!(
+        status["projections"]["by_description"]["last_write_at"].is_string(),
+        "{status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,6 +396,9 @@ async fn http_listener_serves_health_readiness_and_metrics() {
         "viewkeeper_sink_write_seconds_bucket",
         "viewkeeper_checkpoint_lsn{source=\"catalog\"}",
         "viewkeeper_slot_retained_wal_bytes{source=\"catalog\"}",
+        "viewkeeper_replication_lag_bytes{source=\"catalog\"}",
+        "viewkeeper_replication_lag_seconds{source=\"catalog\"}",
+        "viewkeeper_state_store_bytes",
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }

@@ -728,23 +728,26 @@ impl PgSource {
     /// Records the WAL the slot holds back (`viewkeeper_slot_retained_wal_bytes`) and
     /// warns past `max_retained_wal_bytes`. Best effort: a failed query is only logged.
     async fn check_slot(&self) {
-        let retained: Result<Option<i64>, String> = async {
+        let retained: Result<Option<(i64, i64)>, String> = async {
             let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls).await.map_err(|e| e.to_string())?;
             let task = tokio::spawn(conn);
             let r = c
                 .query_opt(
-                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
+                     FROM pg_replication_slots WHERE slot_name = $1",
                     &[&self.s.slot],
                 )
                 .await
                 .map_err(|e| e.to_string());
             drop(c);
             let _ = task.await;
-            Ok(r?.and_then(|row| row.get::<_, Option<i64>>(0)))
+            Ok(r?.and_then(|row| Some((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))))
         }
         .await;
         match retained {
-            Ok(Some(bytes)) => {
+            Ok(Some((bytes, lag))) => {
+                // WAL written since the last position viewkeeper acknowledged.
+                metrics::gauge!("viewkeeper_replication_lag_bytes", "source" => self.s.name.clone()).set(lag as f64);
                 metrics::gauge!("viewkeeper_slot_retained_wal_bytes", "source" => self.s.name.clone())
                     .set(bytes as f64);
                 if bytes as u64 > self.s.max_retained_wal_bytes {
