@@ -52,6 +52,10 @@ pub struct EngineConfig {
     pub retry_min_ms: u64,
     #[serde(default = "EngineConfig::default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// On SIGTERM/SIGINT: how long the batch in hand may take to reach the sinks and be
+    /// checkpointed before it is abandoned (it replays on the next start).
+    #[serde(default = "EngineConfig::default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 impl EngineConfig {
@@ -67,6 +71,9 @@ impl EngineConfig {
     fn default_retry_max_ms() -> u64 {
         5_000
     }
+    fn default_drain_timeout_ms() -> u64 {
+        10_000
+    }
 }
 
 impl Default for EngineConfig {
@@ -76,6 +83,7 @@ impl Default for EngineConfig {
             queue_transactions: Self::default_queue_transactions(),
             retry_min_ms: Self::default_retry_min_ms(),
             retry_max_ms: Self::default_retry_max_ms(),
+            drain_timeout_ms: Self::default_drain_timeout_ms(),
         }
     }
 }

@@ -107,22 +107,56 @@ fn plain_key(key: &Key) -> String {
 }
 
 impl Engine {
-    /// Processes batches until shutdown or until every source is gone. On shutdown
-    /// the batch in progress is abandoned before its checkpoint (it will replay).
+    /// Processes batches until `stop` or until every source is gone. On `stop` no new
+    /// batch is taken; the batch in hand gets `drain` to reach the sinks and its
+    /// checkpoint, then it is abandoned before its checkpoint (it replays on the next
+    /// start).
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<SourceBatch>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
+        drain: Duration,
     ) -> Result<Stats, EngineError> {
+        let abort = CancellationToken::new();
+        let timer = {
+            let (stop, abort) = (stop.clone(), abort.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                tokio::time::sleep(drain).await;
+                warn!(
+                    drain_ms = drain.as_millis() as u64,
+                    "drain bound reached: abandoning the batch in hand (it replays on the next start)"
+                );
+                abort.cancel();
+            })
+        };
+        let r = self.run_until(&mut rx, &stop, &abort).await;
+        timer.abort();
+        r?;
+        info!(
+            batches = self.stats.batches,
+            changes = self.stats.changes,
+            documents = self.stats.documents,
+            "engine stopped"
+        );
+        Ok(self.stats)
+    }
+
+    async fn run_until(
+        &mut self,
+        rx: &mut mpsc::Receiver<SourceBatch>,
+        stop: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<(), EngineError> {
         for pi in std::mem::take(&mut self.resync) {
-            if !self.resync_projection(pi, &shutdown).await? {
-                return Ok(self.stats);
+            if !self.resync_projection(pi, abort).await? {
+                return Ok(());
             }
         }
         loop {
             let first = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
                 b = rx.recv() => match b { Some(b) => b, None => break },
             };
             let mut n = first.changes.len();
@@ -136,25 +170,19 @@ impl Engine {
                     Err(_) => break,
                 }
             }
-            if !self.process(batches, &shutdown).await? {
-                return Ok(self.stats);
+            if !self.process(batches, abort).await? {
+                return Ok(());
             }
         }
-        if !self.held.is_empty() && !shutdown.is_cancelled() {
+        if !self.held.is_empty() && !stop.is_cancelled() {
             let sources: Vec<String> = self.held.keys().cloned().collect();
-            if !self.render_snapshot(&sources, &shutdown).await? {
-                return Ok(self.stats);
+            if !self.render_snapshot(&sources, abort).await? {
+                return Ok(());
             }
             let held = std::mem::take(&mut self.held);
             tokio::task::block_in_place(|| self.store.set_checkpoints(&held))?;
         }
-        info!(
-            batches = self.stats.batches,
-            changes = self.stats.changes,
-            documents = self.stats.documents,
-            "engine stopped"
-        );
-        Ok(self.stats)
+        Ok(())
     }
 
     /// Returns `false` when shutdown interrupted the batch (not checkpointed).

@@ -253,7 +253,8 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         last_size_check: None,
     };
     let started = std::time::Instant::now();
-    let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone()));
+    let drain = Duration::from_millis(cfg.engine.drain_timeout_ms);
+    let mut engine_task = tokio::spawn(engine.run(rx, shutdown.clone(), drain));
     let mut fatal = None;
     let stats = loop {
         tokio::select! {
