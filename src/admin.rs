@@ -1,6 +1,7 @@
-//! Read-only admin commands over the data dir: `status` and `dlq list|show`. They open
-//! the state store read-only, so they work beside a running worker (SQLite WAL mode
-//! gives them a consistent snapshot) and with the worker stopped.
+//! Admin commands over the data dir: `status` and `dlq list|show` open the state store
+//! read-only, so they work beside a running worker (SQLite WAL mode gives them a
+//! consistent snapshot) and with the worker stopped; `dlq drop` writes (SQLite
+//! serializes it with the worker's writes).
 
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::store::{Catalog, DeadLetter, Store};
@@ -73,6 +74,29 @@ pub fn dlq_show(cfg: &Config, data_dir: &Path, id: i64) -> anyhow::Result<()> {
         .dead_letter(id)?
         .with_context(|| format!("no dead letter #{id}"))?;
     println!("{}", serde_json::to_string_pretty(&letter_json(&d, true))?);
+    Ok(())
+}
+
+/// `viewkeeper dlq drop`: deletes dead letters (all, or by id); only with `yes`.
+pub fn dlq_drop(cfg: &Config, data_dir: &Path, ids: Option<Vec<i64>>, yes: bool) -> anyhow::Result<()> {
+    let (_, catalog) = crate::worker::compile(cfg)?;
+    let ro = open(cfg, data_dir)?;
+    let ids: Vec<i64> = match ids {
+        Some(ids) => ids,
+        None => ro.dead_letters(usize::MAX >> 1)?.iter().map(|d| d.id).collect(),
+    };
+    drop(ro);
+    if !yes {
+        println!(
+            "would delete {} dead letter(s): {:?}; add --yes to delete them",
+            ids.len(),
+            ids
+        );
+        return Ok(());
+    }
+    let mut store = Store::open(data_dir, catalog)?;
+    let n = store.delete_dead_letters(&ids)?;
+    println!("deleted {n} dead letter(s)");
     Ok(())
 }
 

@@ -202,7 +202,7 @@ impl Engine {
             let proj = &self.projections[pi];
             for r in rejections {
                 warn!(projection = %proj.name, id = %r.id, reason = %r.reason, "sink rejected document; dead-lettered");
-                letters.push(rejection_letter(proj, r));
+                letters.push(rejection_letter(proj, r, docs));
             }
             self.stats.documents += docs.len() as u64;
         }
@@ -294,6 +294,47 @@ impl Engine {
             "batch durable"
         );
         Ok(true)
+    }
+
+    /// Renders the documents of root `keys` of projection `pi` again and writes them
+    /// (`dlq replay`). Returns what still cannot be rendered or written; `None`: shutdown.
+    pub async fn rewrite(
+        &mut self,
+        pi: usize,
+        keys: &[Key],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<DeadLetter>>, EngineError> {
+        let (docs, mut letters) = tokio::task::block_in_place(|| -> Result<_, EngineError> {
+            let tx = self.store.begin()?;
+            let first = tx.next_versions(keys.len() as u64)?;
+            let mut letters = Vec::new();
+            let docs = render_docs(&self.projections[pi], keys.iter(), first, &tx, &mut letters)?;
+            tx.commit()?;
+            Ok((docs, letters))
+        })?;
+        if !docs.is_empty() {
+            let Some(rejections) = self.write_retrying(pi, &docs, shutdown).await? else {
+                return Ok(None);
+            };
+            let p = &self.projections[pi];
+            letters.extend(rejections.into_iter().map(|r| rejection_letter(p, r, &docs)));
+        }
+        Ok(Some(letters))
+    }
+
+    /// Root keys of projection `pi` whose documents read the stored row `key` of `table`.
+    pub fn roots_of(&self, pi: usize, table: &str, key: &Key) -> Result<Vec<Key>, EngineError> {
+        let Some(row) = RowLookup::get(&self.store, table, key).map_err(|e| EngineError::Lookup(e.to_string()))? else {
+            return Ok(vec![]);
+        };
+        let p = &self.projections[pi];
+        if !p.uses_table(table) {
+            return Ok(vec![]);
+        }
+        Ok(p.affected_roots(table, &[&row.image], &self.store)
+            .map_err(|e| EngineError::Lookup(e.to_string()))?
+            .into_iter()
+            .collect())
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
@@ -436,7 +477,7 @@ impl Engine {
                             letters.extend(
                                 rejections
                                     .into_iter()
-                                    .map(|r| rejection_letter(&self.projections[pi], r)),
+                                    .map(|r| rejection_letter(&self.projections[pi], r, &docs)),
                             );
                             tokio::task::block_in_place(|| self.store.add_dead_letters(&letters))?;
                             self.stats.documents += docs.len() as u64;
@@ -577,6 +618,7 @@ fn render_docs<'a>(
     for (i, key) in keys.enumerate() {
         match p.render(key, lookup) {
             Ok(Some(r)) => docs.push(SinkDoc {
+                root: key.as_str().to_string(),
                 id: r.id,
                 member: plain_key(key),
                 body: r.body,
@@ -600,12 +642,14 @@ fn render_docs<'a>(
     Ok(docs)
 }
 
-fn rejection_letter(p: &Projection, r: Rejection) -> DeadLetter {
+/// A document the sink refused: keyed by its root row, so `dlq replay` can render it again.
+fn rejection_letter(p: &Projection, r: Rejection, docs: &[SinkDoc]) -> DeadLetter {
+    let root = docs.iter().find(|d| d.id == r.id).map(|d| d.root.clone());
     DeadLetter {
         table: p.root_table().to_string(),
-        key: r.id,
-        stage: format!("sink:{}", p.spec.sink),
-        reason: r.reason,
+        key: root.unwrap_or_else(|| r.id.clone()),
+        stage: format!("sink:{}:{}", p.spec.sink, p.name),
+        reason: format!("document {}: {}", r.id, r.reason),
         ..Default::default()
     }
 }

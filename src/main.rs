@@ -103,6 +103,33 @@ enum DlqCmd {
         data_dir: Option<PathBuf>,
         id: i64,
     },
+    /// Send dead letters through the pipeline again (after a fix); those that go through
+    /// are removed, the others stay with their reason. Works beside a running worker.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+    },
+    /// Delete dead letters for good.
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Confirm: without it, nothing is deleted.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -172,6 +199,48 @@ fn real_main() -> anyhow::Result<()> {
                 anyhow::bail!("the read models differ from the sources (listed above)");
             }
             Ok(())
+        }
+        Cmd::Dlq {
+            cmd:
+                DlqCmd::Replay {
+                    config,
+                    data_dir,
+                    all,
+                    ids,
+                },
+        } => {
+            let cfg = Config::load(&config)?;
+            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let ids = (!all).then_some(ids);
+            let (replayed, kept) = rt.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let sd = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    sd.cancel();
+                });
+                viewkeeper::worker::dlq_replay(cfg, &dir, ids, shutdown).await
+            })?;
+            println!("replayed {replayed}, still failing {kept}");
+            if kept > 0 {
+                anyhow::bail!("{kept} dead letter(s) still fail (reasons in the log above)");
+            }
+            Ok(())
+        }
+        Cmd::Dlq {
+            cmd:
+                DlqCmd::Drop {
+                    config,
+                    data_dir,
+                    all,
+                    ids,
+                    yes,
+                },
+        } => {
+            let cfg = Config::load(&config)?;
+            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+            viewkeeper::admin::dlq_drop(&cfg, &dir, (!all).then_some(ids), yes)
         }
         Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
         Cmd::Backfill {

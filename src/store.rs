@@ -325,6 +325,17 @@ impl Store {
 
     /// Adds dead letters in their own transaction (for failures found after the
     /// state was committed: rendering, sink rejections).
+    /// Removes dead letters (`dlq drop`, or replayed); returns how many were removed.
+    pub fn delete_dead_letters(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for id in ids {
+            n += tx.execute("DELETE FROM dead_letters WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
     pub fn add_dead_letters(&mut self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         if letters.is_empty() {
             return Ok(());

@@ -113,6 +113,7 @@ struct Expected {
     body: Option<Row>,
     tombstoned: bool,
     member: String,
+    root: String,
 }
 
 fn member_of(key: &Key) -> String {
@@ -259,6 +260,7 @@ fn expected(p: &Projection, truth: &Truth) -> anyhow::Result<BTreeMap<String, Ex
                     body: r.body,
                     tombstoned: r.tombstoned,
                     member: member_of(key),
+                    root: key.as_str().to_string(),
                 },
             );
         }
@@ -427,6 +429,7 @@ async fn repair(
     for (i, id) in ids.iter().enumerate() {
         match want.get(*id).filter(|e| e.body.is_some()) {
             Some(e) => write.push(SinkDoc {
+                root: e.root.clone(),
                 id: (*id).clone(),
                 member: e.member.clone(),
                 body: e.body.clone(),
@@ -434,6 +437,7 @@ async fn repair(
                 tombstoned: e.tombstoned,
             }),
             None => extra.push(SinkDoc {
+                root: String::new(),
                 id: (*id).clone(),
                 member: (*id).clone(),
                 body: None,

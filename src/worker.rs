@@ -25,7 +25,7 @@ use viewkeeper_connectors::postgres::decode::TableBinding;
 use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
 use viewkeeper_connectors::redis::RedisSink;
 use viewkeeper_connectors::sink::SinkError;
-use viewkeeper_projections::model::Position;
+use viewkeeper_projections::model::{Key, Position};
 use viewkeeper_projections::render::Projection;
 
 /// Compiles the config's projections and the store catalog they need.
@@ -297,6 +297,145 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
     Ok(())
 }
 
+/// An engine for one-off work beside (or without) a running worker: the state store
+/// opened for writing (SQLite serializes the processes), sinks connected, no sources.
+async fn standalone_engine(
+    cfg: &Config,
+    data_dir: &Path,
+    projections: Vec<Projection>,
+    catalog: Catalog,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Engine>> {
+    let store =
+        Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
+    let Some((sinks, _)) = connect_sinks(cfg, shutdown).await? else {
+        return Ok(None);
+    };
+    Ok(Some(Engine {
+        store,
+        projections,
+        sinks,
+        acks: BTreeMap::new(),
+        max_batch_changes: cfg.engine.max_batch_changes,
+        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
+        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+        stats: Default::default(),
+        resync: vec![],
+        defer_snapshot_render: false,
+        held: BTreeMap::new(),
+        health: None,
+        last_size_check: None,
+    }))
+}
+
+/// `viewkeeper dlq replay`: sends dead letters through the pipeline again; a letter
+/// that goes through is removed, one that still fails stays (its reason printed).
+/// * `render:P`, `sink:S:P`: the root's document of P is rendered and written again
+///   (after a config or mapping fix).
+/// * `apply`: every document reading the row is rendered again (its stored image may
+///   have been completed since).
+/// * `decode` of a Debezium record: the record (kept as the payload) is decoded again
+///   and goes through apply, render and write like any batch.
+/// * `decode` of a Postgres message: cannot be replayed (the message needs its
+///   replication context); it stays, with that reason.
+pub async fn dlq_replay(
+    cfg: Config,
+    data_dir: &Path,
+    ids: Option<Vec<i64>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(usize, usize)> {
+    let (projections, catalog) = compile(&cfg)?;
+    let Some(mut engine) = standalone_engine(&cfg, data_dir, projections, catalog, &shutdown).await? else {
+        return Ok((0, 0));
+    };
+    let letters: Vec<crate::store::DeadLetter> = engine
+        .store
+        .dead_letters(usize::MAX >> 1)?
+        .into_iter()
+        .filter(|d| ids.as_ref().is_none_or(|ids| ids.contains(&d.id)))
+        .collect();
+    if let Some(ids) = &ids {
+        if let Some(id) = ids.iter().find(|id| !letters.iter().any(|d| d.id == **id)) {
+            bail!("no dead letter #{id}");
+        }
+    }
+    let (mut done, mut failed) = (Vec::new(), 0usize);
+    for d in letters {
+        let names: Vec<String> = engine.projections.iter().map(|p| p.name.clone()).collect();
+        let pi_named = |name: &str| names.iter().position(|p| p == name);
+        let outcome: anyhow::Result<Option<Vec<crate::store::DeadLetter>>> = async {
+            let key = Key::from_canonical(d.key.clone());
+            if let Some(p) = d.stage.strip_prefix("render:") {
+                let pi = pi_named(p).with_context(|| format!("projection '{p}' is no longer in the config"))?;
+                return Ok(engine.rewrite(pi, &[key], &shutdown).await?);
+            }
+            if let Some(rest) = d.stage.strip_prefix("sink:") {
+                let p = rest.split_once(':').map(|(_, p)| p).unwrap_or_default();
+                let pi = pi_named(p).with_context(|| format!("projection '{p}' is no longer in the config"))?;
+                return Ok(engine.rewrite(pi, &[key], &shutdown).await?);
+            }
+            if d.stage == "apply" {
+                let mut letters = Vec::new();
+                for pi in 0..engine.projections.len() {
+                    let roots = engine.roots_of(pi, &d.table, &key)?;
+                    match engine.rewrite(pi, &roots, &shutdown).await? {
+                        Some(l) => letters.extend(l),
+                        None => return Ok(None),
+                    }
+                }
+                return Ok(Some(letters));
+            }
+            if d.stage == "decode" {
+                let Some(SourceConfig::Debezium(dz)) = cfg.sources.get(&d.source) else {
+                    bail!("a Postgres message cannot be replayed without its replication context; fix the row in the source (an UPDATE re-sends it) and drop this letter");
+                };
+                let topic = d.position.rsplit_once('[').map(|(t, _)| t.to_string()).unwrap_or_default();
+                let (alias, t) = cfg
+                    .tables
+                    .iter()
+                    .find(|(a, t)| t.source == d.source && dz.topic_of(a, &t.name) == topic)
+                    .with_context(|| format!("no table reads topic '{topic}'"))?;
+                let mut table = TopicTable::new(alias.clone(), t.primary_key.clone());
+                for (col, hint) in dz.column_types.get(alias).into_iter().flatten() {
+                    table = table.with_column_type(col.clone(), ColumnType::from_hint(hint).map_err(anyhow::Error::msg)?);
+                }
+                let key_bytes = (!d.key.is_empty()).then_some(d.key.as_bytes());
+                let decoded = viewkeeper_connectors::debezium::decode(&topic, key_bytes, Some(d.payload.as_bytes()), &table)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let changes = match decoded {
+                    viewkeeper_connectors::debezium::Decoded::Change(c) => vec![c],
+                    viewkeeper_connectors::debezium::Decoded::Skip(_) => vec![],
+                };
+                let batch = viewkeeper_connectors::source::SourceBatch {
+                    source: d.source.clone(),
+                    changes,
+                    ..Default::default()
+                };
+                return Ok(engine.process(vec![batch], &shutdown).await?.then(Vec::new));
+            }
+            bail!("stage '{}' cannot be replayed", d.stage)
+        }
+        .await;
+        match outcome {
+            Ok(None) => break, // shutdown
+            Ok(Some(still)) if still.is_empty() => {
+                info!(id = d.id, stage = %d.stage, key = %d.key, "replayed");
+                done.push(d.id);
+            }
+            Ok(Some(still)) => {
+                failed += 1;
+                warn!(id = d.id, stage = %d.stage, key = %d.key, reason = %still[0].reason, "still fails; kept");
+            }
+            Err(e) => {
+                failed += 1;
+                warn!(id = d.id, stage = %d.stage, key = %d.key, error = %e, "cannot replay; kept");
+            }
+        }
+    }
+    engine.store.delete_dead_letters(&done)?;
+    Ok((done.len(), failed))
+}
+
 /// `viewkeeper backfill --projection P [--rebuild]`: with `rebuild`, renders P from the
 /// state store into a new versioned index (`{alias}_v{N+1}`, or the configured version
 /// when higher) while a running worker keeps writing the live one and, through the
@@ -322,25 +461,8 @@ pub async fn rebuild(
                 .join(", ")
         );
     };
-    let store =
-        Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
-    let Some((sinks, _)) = connect_sinks(&cfg, &shutdown).await? else {
+    let Some(mut engine) = standalone_engine(&cfg, data_dir, projections, catalog, &shutdown).await? else {
         return Ok(());
-    };
-    let mut engine = Engine {
-        store,
-        projections,
-        sinks,
-        acks: BTreeMap::new(),
-        max_batch_changes: cfg.engine.max_batch_changes,
-        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
-        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
-        stats: Default::default(),
-        resync: vec![],
-        defer_snapshot_render: false,
-        held: BTreeMap::new(),
-        health: None,
-        last_size_check: None,
     };
     let started = std::time::Instant::now();
     if !new_index {

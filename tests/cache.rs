@@ -271,6 +271,35 @@ fields = ["name"]
         status["projections"]["by_description"]["last_write_at"].is_string(),
         "{status}"
     );
+
+    // Dropping needs --yes.
+    assert!(cli(&["dlq", "drop", &id]).contains("add --yes"));
+    assert_eq!(shop.dead_letters().len(), letters.len());
+    // A config fix (key by name), then replay: the letter goes through and is removed.
+    let fixed = shop.data_dir.path().join("fixed.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&fixed, text.replace("bydesc:{description}", "bydesc:{name}")).unwrap();
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["dlq", "replay", "--all", "--config"])
+        .arg(&fixed)
+        .arg("--data-dir")
+        .arg(shop.data_dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(shop.dead_letters().is_empty(), "{:?}", shop.dead_letters());
+    let name: String = r.hget(shop.key("bydesc:no description"), "name").await.unwrap();
+    assert_eq!(name, "no description");
+    // Another one, dropped for good.
+    pg.batch_execute("INSERT INTO products(id, sku, name, price, description) VALUES (3, 'c', 'c', 1, NULL)")
+        .await
+        .unwrap();
+    wait_until("second dead letter", T, || async {
+        (!shop.dead_letters().is_empty()).then_some(())
+    })
+    .await;
+    assert!(cli(&["dlq", "drop", "--all", "--yes"]).contains("deleted 1"));
+    assert!(shop.dead_letters().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,8 @@ pub struct SinkDoc {
     pub id: String,
     /// The root row's key as plain text (`42`, `1001:2`): the member of cache sets.
     pub member: String,
+    /// The root row's key in the state store's canonical form (`[42]`), for dead letters.
+    pub root: String,
     /// `None` removes the document.
     pub body: Option<Row>,
     pub version: u64,

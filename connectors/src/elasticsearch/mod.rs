@@ -382,6 +382,7 @@ mod tests {
         let mut body = Row::new();
         body.insert("a".into(), json!(1));
         let d = SinkDoc {
+            root: "[7]".into(),
             id: "7".into(),
             member: "7".into(),
             body: Some(body),
