@@ -77,6 +77,66 @@ pub fn dlq_show(cfg: &Config, data_dir: &Path, id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `viewkeeper slot list`: each Postgres source's slot as the server sees it.
+pub async fn slot_list(cfg: &Config, as_json: bool) -> anyhow::Result<()> {
+    let mut out = serde_json::Map::new();
+    for (name, sc) in &cfg.sources {
+        if let SourceConfig::Postgres(pg) = sc {
+            let mut v = slot_info(pg.url.expose(), &pg.slot).await;
+            v["slot"] = json!(pg.slot);
+            out.insert(name.clone(), v);
+        }
+    }
+    if as_json {
+        println!("{}", Value::Object(out));
+    } else {
+        for (name, v) in &out {
+            println!("{name}: {v}");
+        }
+    }
+    Ok(())
+}
+
+/// `viewkeeper slot drop SOURCE --yes`: drops the source's slot (refused while a worker
+/// streams from it). The state store keeps its checkpoint, so `run` then stops with
+/// the "slot is missing" error until the source is loaded anew (a new data dir and
+/// `backfill`): what changed meanwhile is no longer in any slot.
+pub async fn slot_drop(cfg: &Config, source: &str, yes: bool) -> anyhow::Result<()> {
+    let Some(SourceConfig::Postgres(pg)) = cfg.sources.get(source) else {
+        anyhow::bail!("no Postgres source '{source}' in the config");
+    };
+    if !yes {
+        println!(
+            "would drop slot {} of source {source} (Postgres then frees the WAL it holds; the changes in it are lost to viewkeeper); add --yes to drop it",
+            pg.slot
+        );
+        return Ok(());
+    }
+    let (c, conn) = tokio_postgres::connect(pg.url.expose(), tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("source {source}: cannot connect"))?;
+    tokio::spawn(conn);
+    let active: Option<bool> = c
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pg.slot],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match active {
+        None => anyhow::bail!("slot {} does not exist", pg.slot),
+        Some(true) => anyhow::bail!(
+            "slot {} is in use (a worker streams from it): stop the worker first",
+            pg.slot
+        ),
+        Some(false) => {
+            c.execute("SELECT pg_drop_replication_slot($1)", &[&pg.slot]).await?;
+            println!("dropped slot {} of source {source}", pg.slot);
+            Ok(())
+        }
+    }
+}
+
 /// `viewkeeper dlq drop`: deletes dead letters (all, or by id); only with `yes`.
 pub fn dlq_drop(cfg: &Config, data_dir: &Path, ids: Option<Vec<i64>>, yes: bool) -> anyhow::Result<()> {
     let (_, catalog) = crate::worker::compile(cfg)?;

@@ -247,6 +247,10 @@ pub struct PostgresSource {
     /// slot when it does. Default 1 GiB.
     #[serde(default = "PostgresSource::default_max_retained_wal_bytes")]
     pub max_retained_wal_bytes: u64,
+    /// Heartbeat while streaming (`pg_logical_emit_message`, milliseconds; 0: off), so
+    /// the slot of a database whose published tables do not change still advances.
+    #[serde(default = "PostgresSource::default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
     /// Rows per chunk of the initial snapshot (one batch each; progress is stored per chunk).
     #[serde(default = "PostgresSource::default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: usize,
@@ -266,6 +270,9 @@ impl PostgresSource {
     }
     fn default_max_retained_wal_bytes() -> u64 {
         1 << 30
+    }
+    fn default_heartbeat_interval_ms() -> u64 {
+        60_000
     }
     fn default_snapshot_chunk_rows() -> usize {
         viewkeeper_connectors::postgres::snapshot::CHUNK_ROWS

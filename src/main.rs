@@ -75,10 +75,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// The Postgres sources' replication slots.
+    Slot {
+        #[command(subcommand)]
+        cmd: SlotCmd,
+    },
     /// Load and validate a config file; print it with secrets redacted.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotCmd {
+    /// Each slot: active, confirmed position, retained WAL, lag.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a source's slot (not while a worker streams from it).
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+        source: String,
+        /// Confirm: without it, nothing is dropped.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -241,6 +266,20 @@ fn real_main() -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
             viewkeeper::admin::dlq_drop(&cfg, &dir, (!all).then_some(ids), yes)
+        }
+        Cmd::Slot {
+            cmd: SlotCmd::List { config, json },
+        } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(viewkeeper::admin::slot_list(&cfg, json))
+        }
+        Cmd::Slot {
+            cmd: SlotCmd::Drop { config, source, yes },
+        } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(viewkeeper::admin::slot_drop(&cfg, &source, yes))
         }
         Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
         Cmd::Backfill {

@@ -230,6 +230,8 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
                     snapshot_chunk_rows: pg.snapshot_chunk_rows,
                     streaming: health.sources[name].clone(),
                     max_retained_wal_bytes: pg.max_retained_wal_bytes,
+                    heartbeat_interval: (pg.heartbeat_interval_ms > 0)
+                        .then(|| Duration::from_millis(pg.heartbeat_interval_ms)),
                 });
                 let (tx, sd) = (tx.clone(), shutdown.clone());
                 sources.spawn(async move { src.run(checkpoint, tx, ack_rx, sd).await });

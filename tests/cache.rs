@@ -432,3 +432,80 @@ async fn http_listener_serves_health_readiness_and_metrics() {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_flow_through_the_slot() {
+    let shop = Shop::new("heartbeat").await;
+    let cfg = shop.config("");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("publication = \"", "heartbeat_interval_ms = 200\npublication = \"");
+    std::fs::write(&cfg, text).unwrap();
+    let w = shop.worker(&cfg).await;
+    let addr = wait_until("http listener logged", T, || async {
+        let line = w.log_text().lines().find(|l| l.contains("http listening"))?.to_string();
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        v["addr"].as_str().map(str::to_string)
+    })
+    .await;
+    // The heartbeat written into each database comes back through its own slot.
+    wait_until("heartbeats seen on every slot", T, || async {
+        let m = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        ["identity", "catalog", "ordering"]
+            .iter()
+            .all(|s| m.contains(&format!("viewkeeper_heartbeats_total{{source=\"{s}\"}}")))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_list_and_drop_guard_the_slots() {
+    let shop = Shop::new("slots").await;
+    let cfg = shop.config("");
+    let mut w = shop.worker(&cfg).await;
+    let slot = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+            .arg("slot")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let list = slot(&["list", "--json"]);
+    assert!(list.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    for s in ["identity", "catalog", "ordering"] {
+        assert_eq!(v[s]["active"], serde_json::json!(true), "{v}");
+        assert!(v[s]["retained_wal_bytes"].is_i64(), "{v}");
+    }
+    let dry = slot(&["drop", "catalog"]);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("add --yes"));
+    let busy = slot(&["drop", "catalog", "--yes"]);
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop the worker first"));
+    assert!(shop.confirmed_flush("catalog").await.is_some(), "still there");
+
+    assert_eq!(w.terminate(), Some(0));
+    let dropped = slot(&["drop", "catalog", "--yes"]);
+    assert!(dropped.status.success(), "{}", String::from_utf8_lossy(&dropped.stderr));
+    assert!(shop.confirmed_flush("catalog").await.is_none(), "dropped");
+    // The state store still has a checkpoint for it: the worker refuses, with the fix.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(shop.data_dir.path().join("data"))
+        .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is missing") && err.contains("backfill"), "{err}");
+}

@@ -48,6 +48,9 @@ pub struct PgSourceSettings {
     pub snapshot_chunk_rows: usize,
     /// Warn (and say so in the log) when the slot retains more WAL than this.
     pub max_retained_wal_bytes: u64,
+    /// Emit a heartbeat (`pg_logical_emit_message`) this often while streaming, so
+    /// the slot of a database without changes still moves; `None`: off.
+    pub heartbeat_interval: Option<Duration>,
     /// Set while streaming from the slot (read by the worker's `/readyz`).
     pub streaming: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -401,6 +404,8 @@ impl PgSource {
         let mut acked = from;
         // Slot health every 10 s: retained WAL (a gauge, and a warning past the bound).
         let mut slot_check = tokio::time::interval(Duration::from_secs(10));
+        let mut heartbeat = tokio::time::interval(self.s.heartbeat_interval.unwrap_or(Duration::from_secs(3600)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal
         loop {
             if let Some(c) = catch_up.filter(|_| reached && acked >= last_sent) {
@@ -420,6 +425,10 @@ impl PgSource {
                 }
                 _ = slot_check.tick() => {
                     self.check_slot().await;
+                    continue;
+                }
+                _ = heartbeat.tick(), if self.s.heartbeat_interval.is_some() && until.is_none() => {
+                    self.heartbeat().await;
                     continue;
                 }
                 r = acks.changed() => {
@@ -558,6 +567,9 @@ impl PgSource {
                     prefix, transactional, ..
                 } => {
                     debug!(source = %self.s.name, %prefix, transactional, "logical message");
+                    if prefix == "viewkeeper_heartbeat" {
+                        metrics::counter!("viewkeeper_heartbeats_total", "source" => self.s.name.clone()).increment(1);
+                    }
                 }
                 ReplicationEvent::StoppedAt { .. } => return Ok(last_sent),
             }
@@ -723,6 +735,28 @@ impl PgSource {
         }
         info!(source = %self.s.name, rows, pauses, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
         Ok(Some(streamed))
+    }
+
+    /// Writes a non-transactional logical message into this database's WAL: the slot
+    /// sees it and moves on even when no published table changes. Best effort.
+    async fn heartbeat(&self) {
+        let r: Result<(), String> = async {
+            let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            let task = tokio::spawn(conn);
+            let r = c
+                .batch_execute("SELECT pg_logical_emit_message(false, 'viewkeeper_heartbeat', now()::text)")
+                .await
+                .map_err(|e| e.to_string());
+            drop(c);
+            let _ = task.await;
+            r
+        }
+        .await;
+        if let Err(e) = r {
+            debug!(source = %self.s.name, error = %e, "heartbeat failed");
+        }
     }
 
     /// Records the WAL the slot holds back (`viewkeeper_slot_retained_wal_bytes`) and
