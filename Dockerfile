@@ -7,10 +7,10 @@
 
 # ---- build -------------------------------------------------------------------------------
 FROM rust:1-bookworm AS build
-# cmake/pkg-config/libssl-dev: for crates that build bundled C libraries (e.g. rdkafka's
+# cmake/pkg-config/libssl-dev/zlib1g-dev: for crates that build bundled C libraries (rdkafka's
 # bundled librdkafka; rusqlite's bundled SQLite only needs the C compiler already here).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the build needs (keeps target/, .services/ and data out of the image).
@@ -36,4 +36,5 @@ COPY --from=build /usr/local/bin/viewkeeper /usr/local/bin/viewkeeper
 USER viewkeeper
 WORKDIR /var/lib/viewkeeper
 VOLUME ["/var/lib/viewkeeper"]
-ENTRYPOINT ["viewkeeper", "run", "--config", "/etc/viewkeeper/shop.toml", "--data-dir", "/var/lib/viewkeeper"]
+ENTRYPOINT ["viewkeeper"]
+CMD ["run", "--config", "/etc/viewkeeper/shop.toml", "--data-dir", "/var/lib/viewkeeper"]
