@@ -317,7 +317,7 @@ fn to_json(value: &Value, ty: &ColumnType) -> Result<Value, String> {
             value.clone()
         }
         ColumnType::Json => match value {
-            Value::String(s) => serde_json::from_str(s).map_err(|e| format!("invalid JSON text: {e}"))?,
+            Value::String(s) => crate::postgres::values::json_text(s).map_err(|e| format!("invalid JSON text: {e}"))?,
             // Already structured (a converter other than Debezium's string encoding).
             _ => value.clone(),
         },

@@ -183,6 +183,17 @@ impl ValueError {
 /// Converts the text-format value `text` of a column of type `type_oid` to JSON.
 ///
 /// Unknown OIDs are passed through as `Value::String` (check with [`is_known`]).
+/// JSON text (json, jsonb, Debezium's `Json`) parsed. Nested deeper than the parser's
+/// limit (128 levels; deeper would risk the stack), it is kept as its text, a string:
+/// the row still flows and the value is all there.
+pub fn json_text(text: &str) -> Result<Value, String> {
+    match serde_json::from_str(text) {
+        Ok(v) => Ok(v),
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => Ok(Value::String(text.to_owned())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 pub fn text_to_json(type_oid: u32, text: &str) -> Result<Value, ValueError> {
     if let Some((name, rule)) = scalar(type_oid) {
         return convert_scalar(rule, text).map_err(|r| ValueError::new(type_oid, name, text, r));
@@ -227,7 +238,7 @@ fn convert_scalar(rule: Rule, text: &str) -> Result<Value, String> {
             }
             Value::String(text.to_owned())
         }
-        Rule::Json => serde_json::from_str(text).map_err(|e| e.to_string())?,
+        Rule::Json => json_text(text)?,
         Rule::Bytea => Value::String(base64::engine::general_purpose::STANDARD.encode(decode_bytea(text)?)),
         Rule::Timestamp => Value::String(timestamp(text, false)?),
         Rule::TimestampTz => Value::String(timestamp(text, true)?),
@@ -615,6 +626,12 @@ mod tests {
             assert_eq!(got, expected, "{oid} {text:?}");
         }
         assert!(text_to_json(20, "9223372036854775807").unwrap().is_i64());
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        assert_eq!(
+            text_to_json(3802, &deep).unwrap(),
+            json!(deep),
+            "too deep: kept as text"
+        );
         // jsonb key order is preserved.
         let v = text_to_json(3802, r#"{"z": 1, "a": 2}"#).unwrap();
         assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["z", "a"]);
