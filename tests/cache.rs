@@ -509,3 +509,39 @@ async fn slot_list_and_drop_guard_the_slots() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is missing") && err.contains("backfill"), "{err}");
 }
+
+/// A slot dropped behind a running worker: a fatal error with the fix, never a new slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_behind_the_worker_stops_it_with_the_fix() {
+    let shop = Shop::new("slotgone").await;
+    let mut w = shop.worker(&shop.config("")).await;
+    let c = shop.pg("catalog").await;
+    let slot = format!("{}_catalog", shop.prefix);
+    wait_until("slot dropped", T, || async {
+        c.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
+        .await
+        .ok()?;
+        c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let child = std::sync::Mutex::new(&mut w.child);
+    let status = wait_until("worker exits", T, || async {
+        child.lock().unwrap().try_wait().ok().flatten()
+    })
+    .await;
+    assert!(!status.success());
+    let log = w.log_text();
+    assert!(log.contains("is missing") && log.contains("backfill"), "{log}");
+    // And it did not quietly make itself a new slot.
+    let again = c
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .unwrap();
+    assert!(again.is_none(), "a new slot was created");
+}

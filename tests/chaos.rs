@@ -1,0 +1,134 @@
+//! The fault suite's kill loop: a steady mixed workload across the three databases, the
+//! worker SIGKILLed at random moments, and after each restart the read models converge
+//! and `viewkeeper verify` passes.
+//!
+//! Short form by default (3 kills, for CI); the long form is
+//! `VK_CHAOS_KILLS=20 cargo nextest run --test chaos`. The schedule comes from
+//! `VK_CHAOS_SEED` (printed, so a failing run can be replayed).
+
+mod common;
+
+use common::orders::*;
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sigkills_under_load_converge_and_verify() {
+    let kills: usize = std::env::var("VK_CHAOS_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seed: u64 = std::env::var("VK_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("chaos: {kills} kills, VK_CHAOS_SEED={seed}");
+    let shop = Shop::new("chaos").await;
+    shop.exec("identity", "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 30) g").await;
+    shop.exec("catalog", "INSERT INTO products(id, sku, name, price) SELECT g, 'SKU-' || g, 'Product ' || g, g + 0.5 FROM generate_series(1, 20) g").await;
+    shop.exec(
+        "ordering",
+        "INSERT INTO orders SELECT g, 1 + g % 30, 'new', g, NULL, now(), now() FROM generate_series(1, 60) g;
+         INSERT INTO order_items SELECT o, l, 1 + (o + l) % 20, l, 2.50 FROM generate_series(1, 60) o, generate_series(1, 2) l",
+    )
+    .await;
+    let cfg = shop.config("");
+    let mut w = shop.worker(&cfg).await;
+    let mem = Remembered::default();
+
+    // The workload: one transaction at a time, a random kind, until stopped; `paused`
+    // holds it between transactions (`idle` says it is holding).
+    let (stop, paused, idle) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, paused, idle, done) = (stop.clone(), paused.clone(), idle.clone(), done.clone());
+        let (i, c, o) = (
+            shop.pg("identity").await,
+            shop.pg("catalog").await,
+            shop.pg("ordering").await,
+        );
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut next_order = 1000;
+            while !stop.load(Ordering::SeqCst) {
+                if paused.load(Ordering::SeqCst) {
+                    idle.store(true, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                idle.store(false, Ordering::SeqCst);
+                let p = rng.random_range(1..=20);
+                let cu = rng.random_range(1..=30);
+                let r = match rng.random_range(0..6) {
+                    0 => c.batch_execute(&format!("UPDATE products SET price = price + 1, name = 'Product {p} v' || floor(random() * 1000) WHERE id = {p}")).await,
+                    1 => c.batch_execute(&format!("UPDATE products SET status = CASE WHEN status = 'active' THEN 'decommissioned' ELSE 'active' END WHERE id = {p}")).await,
+                    2 => i.batch_execute(&format!("UPDATE customers SET email = 'c{cu}.' || floor(random() * 1000) || '@example.com' WHERE id = {cu}")).await,
+                    3 => {
+                        next_order += 1;
+                        o.batch_execute(&format!(
+                            "BEGIN; INSERT INTO orders VALUES ({next_order}, {cu}, 'new', 9.99, NULL, now(), now());
+                             INSERT INTO order_items VALUES ({next_order}, 1, {p}, 1, 9.99), ({next_order}, 2, {}, 2, 1.00); COMMIT",
+                            1 + p % 20
+                        ))
+                        .await
+                    }
+                    4 => o.batch_execute(&format!("UPDATE orders SET status = 'paid', updated_at = now() WHERE id = {}", rng.random_range(1..=60))).await,
+                    _ => o.batch_execute(&format!("DELETE FROM order_items WHERE order_id = {} AND line_no = 2", rng.random_range(1..=60))).await,
+                };
+                r.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    for k in 0..kills {
+        // The random moment: part of the schedule, not a wait for a condition.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
+        w.kill9();
+        w = shop.worker(&cfg).await;
+        paused.store(true, Ordering::SeqCst);
+        wait_until("writer paused", T, || async {
+            idle.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        converge(&shop, T).await;
+        converge_orders(&shop, &mem, T).await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+            .args(["verify", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(shop.data_dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kill {k} (seed {seed}): verify failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        eprintln!(
+            "chaos: kill {} of {kills} converged and verified after {} transactions",
+            k + 1,
+            done.load(Ordering::SeqCst)
+        );
+        paused.store(false, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(done.load(Ordering::SeqCst) > kills as u64, "the workload ran");
+}
