@@ -9,3 +9,6 @@ pub mod postgres;
 pub mod redis;
 pub mod sink;
 pub mod source;
+
+#[cfg(test)]
+mod fuzz_tests;
