@@ -124,10 +124,29 @@ impl Default for HttpConfig {
     }
 }
 
-/// A connection string whose password never reaches logs.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
+/// A connection string whose password never reaches logs. In the config either the
+/// string itself or `{ file = "/run/secrets/pg_url" }`: the file's content (one line,
+/// surrounding whitespace trimmed), so the secret need not sit in the config or the
+/// environment (Docker/Kubernetes secrets).
+#[derive(Clone)]
 pub struct SecretUrl(pub String);
+
+impl<'de> Deserialize<'de> for SecretUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Inline(String),
+            File { file: PathBuf },
+        }
+        match Form::deserialize(d)? {
+            Form::Inline(s) => Ok(SecretUrl(s)),
+            Form::File { file } => std::fs::read_to_string(&file)
+                .map(|s| SecretUrl(s.trim().to_string()))
+                .map_err(|e| serde::de::Error::custom(format!("cannot read the secret file {}: {e}", file.display()))),
+        }
+    }
+}
 
 impl SecretUrl {
     pub fn expose(&self) -> &str {
@@ -588,6 +607,28 @@ mod tests {
             assert_eq!(pg.url.expose(), "postgres://u@db:5432/catalog");
             assert_eq!(c.engine.max_batch_changes, 7);
             assert_eq!(c.data_dir, PathBuf::from("d"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn urls_can_come_from_secret_files() {
+        Jail::expect_with(|jail| {
+            jail.create_file("pg_url", "postgres://vk:s3cret@db:5432/catalog\n")?;
+            let text = GOOD.replace(
+                "url = \"postgres://postgres:hunter2@127.0.0.1:54329/catalog\"",
+                "url = { file = \"pg_url\" }",
+            );
+            jail.create_file("c.toml", &text)?;
+            let c = Config::load(Path::new("c.toml")).expect("valid");
+            let SourceConfig::Postgres(pg) = &c.sources["catalog"] else {
+                panic!("a postgres source")
+            };
+            assert_eq!(pg.url.expose(), "postgres://vk:s3cret@db:5432/catalog");
+            assert!(!format!("{c:?}").contains("s3cret"));
+            jail.create_file("c.toml", &text.replace("pg_url", "missing_file"))?;
+            let err = Config::load(Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains("cannot read the secret file missing_file"), "{err}");
             Ok(())
         });
     }
