@@ -541,3 +541,76 @@ async fn debezium_topics_build_the_same_read_models_through_kill_and_restart() {
     })
     .await;
 }
+
+/// A steady trickle (a record every 30 ms, never a 100 ms gap) must not hold records back
+/// until the trickle stops: a batch also closes when it is old enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_trickle_is_applied_while_it_lasts() {
+    let shop = Shop::new("dbztrickle").await;
+    let mut dbz = Debezium::new(&shop).await;
+    // Short fetch waits, as a busy real broker gives: records arrive back to back.
+    let cfg = shop.config_from("shop-debezium.toml", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "topic_prefix = ",
+        "properties = { \"fetch.wait.max.ms\" = \"5\" }\ntopic_prefix = ",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _w = Worker::start(&cfg, &shop.data_dir.path().join("data"));
+    let mut r = shop.redis().await;
+    // The group has joined once a first record is through.
+    dbz.dml(
+        &shop,
+        &PRODUCTS,
+        "INSERT INTO products(id, sku, name, price) VALUES (1000, 'x', 'first', 1)",
+        &[],
+    )
+    .await;
+    wait_until("consumer ready", T, || async {
+        let mut r = shop.redis().await;
+        let n: bool = redis::AsyncCommands::exists(&mut r, shop.key("ordering:product:1000"))
+            .await
+            .ok()?;
+        n.then_some(())
+    })
+    .await;
+    // The trickle: 150 inserts (in Postgres at once, the truth), their events sent 10 ms apart.
+    let rows = returning(
+        &shop,
+        &PRODUCTS,
+        "INSERT INTO products(id, sku, name, price) SELECT g, 's' || g, 'p' || g, 1 FROM generate_series(1, 150) g",
+    )
+    .await;
+    let (last, next) = dbz.lsn["catalog"];
+    let events: Vec<(String, String)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let image = Debezium::encode_row(&PRODUCTS, row);
+            let seq = (Some(last), next + 8 * i as u64);
+            (
+                dbz.key_of(&PRODUCTS, row),
+                dbz.envelope(&PRODUCTS, "c", Value::Null, image, seq),
+            )
+        })
+        .collect();
+    let topic = dbz.topic(&PRODUCTS);
+    let mut seen_at = None;
+    for (i, (k, v)) in events.iter().enumerate() {
+        dbz.send(&topic, k, Some(v)).await;
+        if seen_at.is_none() {
+            let n: bool = redis::AsyncCommands::exists(&mut r, shop.key("ordering:product:1"))
+                .await
+                .unwrap();
+            if n {
+                seen_at = Some(i + 1);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await; // the trickle's pace
+    }
+    eprintln!("first record visible after {seen_at:?} of 150 sent");
+    assert!(
+        seen_at.is_some_and(|i| i < 150),
+        "the first record of the trickle became visible only after it ended ({seen_at:?})"
+    );
+    converge(&shop, T).await;
+}

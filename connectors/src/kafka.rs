@@ -4,8 +4,8 @@
 //! Contract (see [`crate::source`]):
 //! * One consumer (librdkafka, bundled) in group `group_id`, on its own thread: records
 //!   arrive in order per partition and are handed to the engine in that order, batched
-//!   across partitions (a batch closes when `max_batch_records` are in it or when no
-//!   record is waiting).
+//!   across partitions (a batch closes when `max_batch_records` are in it, when no
+//!   record is waiting, or 100 ms after its first record).
 //! * Batches carry a sequence number as their checkpoint (`Position(seq, 0)`, growing
 //!   from the stored checkpoint across restarts). For each batch the consumer remembers
 //!   the next offset of every partition it read; when the engine acknowledges a batch
@@ -69,6 +69,9 @@ pub const OWN_PROPERTIES: &[&str] = &[
     "enable.partition.eof",
 ];
 
+/// A batch closes at the latest this long after its first record was read.
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+
 /// `(topic, partition)` → the next offset to read.
 type Offsets = HashMap<(String, i32), i64>;
 
@@ -84,6 +87,8 @@ struct Flow {
     batch: SourceBatch,
     /// Records read into `batch` (changes, skips and dead letters).
     records: usize,
+    /// When the first record of `batch` was read.
+    opened: Option<Instant>,
     /// Next offsets of the records in `batch`.
     batch_offsets: Offsets,
     /// Sequence → next offsets of that batch, until acknowledged.
@@ -100,6 +105,7 @@ impl Flow {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.records = 0;
+        self.opened = None;
         let mut batch = std::mem::take(&mut self.batch);
         batch.source = self.source.clone();
         batch.checkpoint = Position::new(seq, 0);
@@ -313,6 +319,7 @@ impl KafkaSource {
             next_seq: checkpoint.map_or(1, |c| c.major + 1),
             batch: SourceBatch::default(),
             records: 0,
+            opened: None,
             batch_offsets: Offsets::new(),
             sent: BTreeMap::new(),
         };
@@ -343,7 +350,9 @@ impl KafkaSource {
                 }
                 Some(Ok(m)) => {
                     self.add(flow, &m);
+                    // Full, or old enough: a steady trickle never leaves `poll` empty-handed.
                     flow.records >= self.s.max_batch_records
+                        || flow.opened.is_some_and(|t| t.elapsed() >= MAX_BATCH_WAIT)
                 }
             };
             if full && !flow.flush() {
@@ -370,6 +379,7 @@ impl KafkaSource {
         let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
         flow.batch_offsets.insert((topic.to_string(), partition), offset + 1);
         flow.records += 1;
+        flow.opened.get_or_insert_with(Instant::now);
         let Some(table) = self.s.topics.get(topic) else {
             return; // not subscribed to; cannot happen
         };
