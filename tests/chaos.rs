@@ -132,3 +132,80 @@ async fn random_sigkills_under_load_converge_and_verify() {
     writer.await.unwrap();
     assert!(done.load(Ordering::SeqCst) > kills as u64, "the workload ran");
 }
+
+/// Unmounts on drop, even when the test fails.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The data dir's disk fills up: the worker stops with a clear error instead of
+/// acknowledging anything it could not store; with room again it resumes, the state
+/// store passes SQLite's integrity check, and `verify` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_worker_cleanly_and_it_resumes_with_room() {
+    let shop = Shop::new("nospace").await;
+    let data = shop.data_dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); the disk-full test did not run");
+        return;
+    }
+    let _m = Mount(data.clone());
+    let cfg = shop.config("");
+    let w = shop.worker(&cfg).await;
+    // Rows whose stored images outgrow 1 MB.
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) SELECT g, 'SKU-' || g, repeat('n', 400) || g, 1 FROM generate_series(1, 4000) g",
+    )
+    .await;
+    let child = std::sync::Mutex::new(w);
+    let status = wait_until("worker stops on the full disk", T, || async {
+        child.lock().unwrap().child.try_wait().ok().flatten()
+    })
+    .await;
+    let w = child.into_inner().unwrap();
+    assert!(!status.success());
+    let log = w.log_text();
+    let error = log
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        error.contains("database or disk is full"),
+        "a clear error, got {error:?} in:\n{log}"
+    );
+    drop(w);
+
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let _w = shop.worker(&cfg).await;
+    converge(&shop, T).await;
+    let ok: String = rusqlite::Connection::open(data.join("state.db"))
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["verify", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
