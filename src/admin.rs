@@ -8,7 +8,6 @@ use crate::store::{Catalog, DeadLetter, Store};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
-use viewkeeper_connectors::elasticsearch::{SearchSettings, SearchSink};
 use viewkeeper_connectors::redis::RedisSink;
 
 fn open(cfg: &Config, data_dir: &Path) -> anyhow::Result<Store> {
@@ -229,20 +228,6 @@ fn uses(r: &viewkeeper_projections::spec::RelationSpec, table: &str) -> bool {
     r.table == table || r.relations.iter().any(|c| uses(c, table))
 }
 
-fn search_sink(cfg: &Config, name: &str, e: &crate::config::SearchSink) -> anyhow::Result<SearchSink> {
-    Ok(SearchSink::new(
-        name,
-        &SearchSettings {
-            url: e.url.expose().to_string(),
-            max_bulk_bytes: e.max_bulk_bytes,
-            request_timeout: std::time::Duration::from_millis(e.request_timeout_ms.min(10_000)),
-            retry_min: std::time::Duration::from_millis(cfg.engine.retry_min_ms),
-            retry_max: std::time::Duration::from_millis(cfg.engine.retry_max_ms),
-            item_retries: e.item_retries,
-        },
-    )?)
-}
-
 /// Reachable or not, with the error.
 async fn sink_health(cfg: &Config, name: &str, sc: &SinkConfig) -> Value {
     let r: anyhow::Result<()> = async {
@@ -251,7 +236,7 @@ async fn sink_health(cfg: &Config, name: &str, sc: &SinkConfig) -> Value {
                 RedisSink::connect(name, r.url.expose(), 1).await?;
             }
             SinkConfig::Elasticsearch(e) => {
-                search_sink(cfg, name, e)?.alias_target("_viewkeeper_probe").await?;
+                e.client(name, &cfg.engine)?.alias_target("_viewkeeper_probe").await?;
             }
         }
         Ok(())
@@ -274,7 +259,7 @@ async fn projection_count(cfg: &Config, p: &viewkeeper_projections::spec::Projec
             }
             SinkConfig::Elasticsearch(e) => {
                 let alias = p.index.as_ref().map(|i| i.alias.clone()).unwrap_or_default();
-                Ok(search_sink(cfg, &p.sink, e)?.count(&alias).await?)
+                Ok(e.client(&p.sink, &cfg.engine)?.count(&alias).await?)
             }
         }
     }

@@ -323,6 +323,25 @@ pub struct SearchSink {
 }
 
 impl SearchSink {
+    /// The search client for sink `name` (no request made yet).
+    pub fn client(
+        &self,
+        name: &str,
+        engine: &EngineConfig,
+    ) -> Result<viewkeeper_connectors::elasticsearch::SearchSink, viewkeeper_connectors::sink::SinkError> {
+        viewkeeper_connectors::elasticsearch::SearchSink::new(
+            name,
+            &viewkeeper_connectors::elasticsearch::SearchSettings {
+                url: self.url.expose().to_string(),
+                max_bulk_bytes: self.max_bulk_bytes,
+                retry_min: std::time::Duration::from_millis(engine.retry_min_ms),
+                retry_max: std::time::Duration::from_millis(engine.retry_max_ms),
+                item_retries: self.item_retries,
+                request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+            },
+        )
+    }
+
     fn default_max_bulk_bytes() -> usize {
         5 * 1024 * 1024
     }

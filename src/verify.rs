@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
-use viewkeeper_connectors::elasticsearch::{SearchSettings, SearchSink};
+use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::postgres::decode::TableBinding;
 use viewkeeper_connectors::postgres::snapshot;
 use viewkeeper_connectors::redis::{field_text, RedisSink};
@@ -499,20 +499,7 @@ pub async fn verify(
     for (name, sc) in &cfg.sinks {
         let s = match sc {
             SinkConfig::Redis(r) => SinkRef::Redis(RedisSink::connect(name, r.url.expose(), r.pipeline).await?),
-            SinkConfig::Elasticsearch(e) => SinkRef::Search(
-                SearchSink::new(
-                    name,
-                    &SearchSettings {
-                        url: e.url.expose().to_string(),
-                        max_bulk_bytes: e.max_bulk_bytes,
-                        request_timeout: Duration::from_millis(e.request_timeout_ms),
-                        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
-                        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
-                        item_retries: e.item_retries,
-                    },
-                )?,
-                String::new(),
-            ),
+            SinkConfig::Elasticsearch(e) => SinkRef::Search(e.client(name, &cfg.engine)?, String::new()),
         };
         sinks.insert(name.clone(), s);
     }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use viewkeeper_connectors::debezium::{ColumnType, TopicTable};
-use viewkeeper_connectors::elasticsearch::{SearchSettings, SearchSink};
+use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::kafka::{KafkaSource, KafkaSourceSettings};
 use viewkeeper_connectors::postgres::decode::TableBinding;
 use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
@@ -93,17 +93,7 @@ async fn connect_search(
     e: &crate::config::SearchSink,
     created_indexes: &mut Vec<String>,
 ) -> Result<SearchSink, SinkError> {
-    let sink = SearchSink::new(
-        name,
-        &SearchSettings {
-            url: e.url.expose().to_string(),
-            max_bulk_bytes: e.max_bulk_bytes,
-            retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
-            retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
-            item_retries: e.item_retries,
-            request_timeout: Duration::from_millis(e.request_timeout_ms),
-        },
-    )?;
+    let sink = e.client(name, &cfg.engine)?;
     for (pname, p) in &cfg.projections {
         if p.sink == name {
             if let Some(ix) = &p.index {

@@ -139,13 +139,7 @@ async fn random_sigkills_under_load_converge_and_verify() {
         .await;
         converge(&shop, T).await;
         converge_orders(&shop, &mem, T).await;
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-            .args(["verify", "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(shop.data_dir.path().join("data"))
-            .output()
-            .unwrap();
+        let out = shop.viewkeeper(&cfg, &["verify"]);
         assert!(
             out.status.success(),
             "kill {k} (seed {seed}): verify failed:\n{}",
@@ -229,13 +223,7 @@ async fn a_full_disk_stops_the_worker_cleanly_and_it_resumes_with_room() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(ok, "ok");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["verify", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = shop.viewkeeper(&cfg, &["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -293,13 +281,7 @@ async fn sustained_load_keeps_memory_and_lag_bounded() {
     wl.stop().await;
     converge(&shop, T).await;
     converge_orders(&shop, &Remembered::default(), T).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["verify", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(shop.data_dir.path().join("data"))
-        .output()
-        .unwrap();
+    let out = shop.viewkeeper(&cfg, &["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     lags.sort_by(f64::total_cmp);
     let p99 = lags[(lags.len() * 99 / 100).min(lags.len() - 1)];

@@ -70,14 +70,7 @@ fields = ["name", "price", "description", "tags", "meta"]
     })
     .await;
     let verify = |projection: &str, extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-            .args(["verify", "--projection", projection, "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(shop.data_dir.path().join("data"))
-            .args(extra)
-            .output()
-            .unwrap()
+        shop.viewkeeper(&cfg, &[&["verify", "--projection", projection], extra].concat())
     };
     let out = verify("ordering_products", &[]);
     let report = String::from_utf8_lossy(&out.stdout);

@@ -196,12 +196,6 @@ async fn postgres_outage_reconnects_and_verify_passes() {
     )
     .await;
     converge(&shop, Duration::from_secs(60)).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["verify", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(shop.data_dir.path().join("data"))
-        .output()
-        .unwrap();
+    let out = shop.viewkeeper(&cfg, &["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }

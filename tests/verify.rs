@@ -14,15 +14,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(60);
 
 fn verify(shop: &Shop, cfg: &std::path::Path, extra: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .arg("verify")
-        .arg("--config")
-        .arg(cfg)
-        .arg("--data-dir")
-        .arg(shop.data_dir.path().join("data"))
-        .args(extra)
-        .output()
-        .unwrap()
+    shop.viewkeeper(cfg, &[&["verify"], extra].concat())
 }
 
 fn text(o: &Output) -> String {

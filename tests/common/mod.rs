@@ -273,6 +273,18 @@ impl Shop {
             .get::<_, i64>(0) as u64
     }
 
+    /// `viewkeeper ARGS… --config CONFIG --data-dir <this shop's data dir>`, run to the end.
+    pub fn viewkeeper(&self, config: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(self.data_dir.path().join("data"))
+            .output()
+            .expect("run viewkeeper")
+    }
+
     /// Dead letters recorded in the worker's state store.
     pub fn dead_letters(&self) -> Vec<(String, String, String)> {
         let path = self.data_dir.path().join("data").join("state.db");
