@@ -238,6 +238,7 @@ async fn sink_health(cfg: &Config, name: &str, sc: &SinkConfig) -> Value {
             SinkConfig::Elasticsearch(e) => {
                 e.client(name, &cfg.engine)?.alias_target("_viewkeeper_probe").await?;
             }
+            SinkConfig::Blackhole(_) => {}
         }
         Ok(())
     }
@@ -261,6 +262,7 @@ async fn projection_count(cfg: &Config, p: &viewkeeper_projections::spec::Projec
                 let alias = p.index.as_ref().map(|i| i.alias.clone()).unwrap_or_default();
                 Ok(e.client(&p.sink, &cfg.engine)?.count(&alias).await?)
             }
+            SinkConfig::Blackhole(_) => anyhow::bail!("a blackhole sink keeps nothing to count"),
         }
     }
     .await;

@@ -305,7 +305,14 @@ pub enum SinkConfig {
     /// Elasticsearch 8 or OpenSearch 2 (`kind = "opensearch"` is the same).
     #[serde(alias = "opensearch")]
     Elasticsearch(SearchSink),
+    /// Discards every write and counts it (`viewkeeper_blackhole_documents_total{sink}`):
+    /// to measure sources, joins and rendering without a sink's cost.
+    Blackhole(BlackholeSink),
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlackholeSink {}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -520,6 +527,7 @@ impl Config {
                         out.push(format!("sinks.{name}.url: must start with http:// or https://"));
                     }
                 }
+                SinkConfig::Blackhole(_) => {}
             }
         }
         for (name, p) in &self.projections {
@@ -549,7 +557,7 @@ impl Config {
                     )),
                     Some(ix) => check_ident(&mut out, &format!("projections.{name}.index.alias"), &ix.alias),
                 },
-                None => {}
+                Some(SinkConfig::Blackhole(_)) | None => {}
             }
         }
         out.extend(

@@ -36,6 +36,8 @@ use viewkeeper_projections::render::{Projection, RenderError, RowLookup};
 pub enum Sink {
     Redis(RedisSink),
     Search(SearchSink),
+    /// Takes every document and keeps none (counted per sink).
+    Blackhole(String),
 }
 
 impl Sink {
@@ -49,6 +51,11 @@ impl Sink {
                     format!("projection {} has no index", p.name),
                 )),
             },
+            Sink::Blackhole(name) => {
+                metrics::counter!("viewkeeper_blackhole_documents_total", "sink" => name.clone())
+                    .increment(docs.len() as u64);
+                Ok(vec![])
+            }
         }
     }
 }

@@ -68,6 +68,7 @@ async fn connect_sinks(
                     .await
                     .map(Sink::Redis),
                 SinkConfig::Elasticsearch(e) => connect_search(cfg, name, e, &mut created).await.map(Sink::Search),
+                SinkConfig::Blackhole(_) => Ok(Sink::Blackhole(name.clone())),
             };
             match r {
                 Ok(s) => break s,

@@ -545,3 +545,55 @@ async fn a_slot_dropped_behind_the_worker_stops_it_with_the_fix() {
         .unwrap();
     assert!(again.is_none(), "a new slot was created");
 }
+
+/// A blackhole sink takes every document, keeps none, and counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackhole_sink_counts_what_it_discards() {
+    let shop = Shop::new("blackhole").await;
+    let cfg = shop.config(
+        r#"
+[sinks.void]
+kind = "blackhole"
+
+[projections.measured]
+root = "products"
+sink = "void"
+fields = ["name", "price"]
+"#,
+    );
+    let w = shop.worker(&cfg).await;
+    let addr = wait_until("http listener logged", T, || async {
+        let line = w.log_text().lines().find(|l| l.contains("http listening"))?.to_string();
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        v["addr"].as_str().map(str::to_string)
+    })
+    .await;
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) SELECT g, 's' || g, 'p' || g, 1 FROM generate_series(1, 25) g",
+    )
+    .await;
+    converge(&shop, T).await;
+    let counted = wait_until("25 documents discarded", T, || async {
+        let m = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let n: f64 = m
+            .lines()
+            .find(|l| l.starts_with("viewkeeper_blackhole_documents_total{sink=\"void\"}"))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (n >= 25.0).then_some(n)
+    })
+    .await;
+    assert_eq!(counted, 25.0);
+    // Nothing kept, nothing to compare: verify checks the other projections only.
+    let out = shop.viewkeeper(&cfg, &["verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("measured"));
+}
