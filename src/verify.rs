@@ -268,6 +268,23 @@ fn expected(p: &Projection, truth: &Truth) -> anyhow::Result<BTreeMap<String, Ex
     Ok(out)
 }
 
+/// The active set of a cache projection and the members the truth puts in it.
+fn active_members<'a>(p: &'a Projection, want: &BTreeMap<String, Expected>) -> Option<(&'a str, BTreeSet<String>)> {
+    let (set, cond) = (p.spec.active_set.as_deref()?, p.spec.active_when.as_ref()?);
+    let should = want
+        .values()
+        .filter(|e| {
+            !e.tombstoned
+                && e.body
+                    .as_ref()
+                    .and_then(|b| b.get(&cond.column))
+                    .is_some_and(|v| cond.values.contains(v))
+        })
+        .map(|e| e.member.clone())
+        .collect();
+    Some((set, should))
+}
+
 /// Field-level difference of a cache entry (None: equal).
 fn redis_diff(want: &Row, have: &BTreeMap<String, String>) -> Option<String> {
     let want: BTreeMap<String, String> = want
@@ -295,7 +312,8 @@ fn doc_diff(want: &Row, have: &Value) -> Option<String> {
     (!fields.is_empty()).then(|| format!("fields differ: {}", fields.join(", ")))
 }
 
-/// Compares one projection; `only`: restrict to these ids (a re-check round).
+/// Compares one projection; `only`: restrict to these ids (a re-check round; an active
+/// set is always checked whole: one SMEMBERS).
 async fn compare(
     p: &Projection,
     sink: &SinkRef,
@@ -337,25 +355,13 @@ async fn compare(
                     }
                 }
             }
-            if let (Some(set), Some(cond)) = (&p.spec.active_set, &p.spec.active_when) {
-                let should: BTreeSet<String> = want
-                    .values()
-                    .filter(|e| {
-                        !e.tombstoned
-                            && e.body
-                                .as_ref()
-                                .and_then(|b| b.get(&cond.column))
-                                .is_some_and(|v| cond.values.contains(v))
-                    })
-                    .map(|e| e.member.clone())
-                    .collect();
+            // The set is checked whole (one SMEMBERS), also in re-check rounds.
+            if let Some((set, should)) = active_members(p, want) {
                 let members = r.members(set).await?;
-                let scope =
-                    |m: &String| only.is_none_or(|o| o.iter().any(|id| want.get(id).is_some_and(|e| &e.member == m)));
-                for m in should.difference(&members).filter(|m| scope(m)) {
+                for m in should.difference(&members) {
                     out.push(f(Kind::ActiveSet, m, format!("missing from {set}")));
                 }
-                for m in members.difference(&should).filter(|m| only.is_none() || scope(m)) {
+                for m in members.difference(&should) {
                     out.push(f(Kind::ActiveSet, m, format!("in {set} but not active")));
                 }
             }
@@ -451,17 +457,13 @@ async fn repair(
             r.write(&p.spec, &write).await?;
             let keys: Vec<String> = extra.iter().map(|d| d.id.clone()).collect();
             r.remove(&keys, None).await?;
-            if let Some(set) = &p.spec.active_set {
-                let by_member = |kind_detail: &str| -> Vec<String> {
-                    findings
-                        .iter()
-                        .filter(|f| {
-                            f.projection == p.name && f.kind == Kind::ActiveSet && f.detail.starts_with(kind_detail)
-                        })
-                        .map(|f| f.id.clone())
-                        .collect()
-                };
-                r.set_members(set, &by_member("missing"), &by_member("in ")).await?;
+            if let Some((set, should)) = active_members(p, want) {
+                let (add, rem): (Vec<String>, Vec<String>) = findings
+                    .iter()
+                    .filter(|f| f.projection == p.name && f.kind == Kind::ActiveSet)
+                    .map(|f| f.id.clone())
+                    .partition(|m| should.contains(m));
+                r.set_members(set, &add, &rem).await?;
             }
         }
         SinkRef::Search(s, alias) => {
@@ -562,24 +564,21 @@ pub async fn verify(
                 .filter(|f| f.projection == p.name && f.fails() && f.kind != Kind::ActiveSet)
                 .map(|f| f.id.clone())
                 .collect();
-            let sets: Vec<Finding> = findings
+            let members: BTreeSet<&String> = findings
                 .iter()
                 .filter(|f| f.projection == p.name && f.kind == Kind::ActiveSet)
-                .cloned()
+                .map(|f| &f.id)
                 .collect();
-            if ids.is_empty() && sets.is_empty() {
+            if ids.is_empty() && members.is_empty() {
                 continue;
             }
+            // A difference counts only if it is there in every round.
             let rechecked = compare(p, &sink_of(p)?, &wants[pi], Some(&ids)).await?;
-            again.extend(rechecked.into_iter().filter(|f| f.kind != Kind::ActiveSet));
-            if !sets.is_empty() {
-                // Set members are re-checked whole (cheap: one SMEMBERS).
-                let all = compare(p, &sink_of(p)?, &wants[pi], None).await?;
-                again.extend(
-                    all.into_iter()
-                        .filter(|f| f.kind == Kind::ActiveSet && sets.iter().any(|s| s.id == f.id)),
-                );
-            }
+            again.extend(
+                rechecked
+                    .into_iter()
+                    .filter(|f| f.kind != Kind::ActiveSet || members.contains(&f.id)),
+            );
         }
         again.extend(findings.iter().filter(|f| !f.fails()).cloned());
         findings = again;
