@@ -396,13 +396,7 @@ async fn existing_rows_are_read_by_the_initial_snapshot_and_writes_during_it_are
 async fn http_listener_serves_health_readiness_and_metrics() {
     let shop = Shop::new("http").await;
     let w = shop.worker(&shop.config("")).await;
-    let addr = wait_until("http listener logged", T, || async {
-        let log = w.log_text();
-        let line = log.lines().find(|l| l.contains("http listening"))?;
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        v["addr"].as_str().map(str::to_string)
-    })
-    .await;
+    let addr = w.http_addr().await;
     let http = reqwest::Client::new();
     let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
@@ -437,17 +431,9 @@ async fn http_listener_serves_health_readiness_and_metrics() {
 async fn heartbeats_flow_through_the_slot() {
     let shop = Shop::new("heartbeat").await;
     let cfg = shop.config("");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("publication = \"", "heartbeat_interval_ms = 200\npublication = \"");
-    std::fs::write(&cfg, text).unwrap();
+    with_source_setting(&cfg, "heartbeat_interval_ms = 200");
     let w = shop.worker(&cfg).await;
-    let addr = wait_until("http listener logged", T, || async {
-        let line = w.log_text().lines().find(|l| l.contains("http listening"))?.to_string();
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        v["addr"].as_str().map(str::to_string)
-    })
-    .await;
+    let addr = w.http_addr().await;
     // The heartbeat written into each database comes back through its own slot.
     wait_until("heartbeats seen on every slot", T, || async {
         let m = reqwest::get(format!("http://{addr}/metrics"))
@@ -497,14 +483,7 @@ async fn slot_list_and_drop_guard_the_slots() {
     assert!(dropped.status.success(), "{}", String::from_utf8_lossy(&dropped.stderr));
     assert!(shop.confirmed_flush("catalog").await.is_none(), "dropped");
     // The state store still has a checkpoint for it: the worker refuses, with the fix.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(shop.data_dir.path().join("data"))
-        .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
-        .output()
-        .unwrap();
+    let out = shop.viewkeeper(&cfg, &["run"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is missing") && err.contains("backfill"), "{err}");
@@ -562,12 +541,7 @@ fields = ["name", "price"]
 "#,
     );
     let w = shop.worker(&cfg).await;
-    let addr = wait_until("http listener logged", T, || async {
-        let line = w.log_text().lines().find(|l| l.contains("http listening"))?.to_string();
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        v["addr"].as_str().map(str::to_string)
-    })
-    .await;
+    let addr = w.http_addr().await;
     shop.exec(
         "catalog",
         "INSERT INTO products(id, sku, name, price) SELECT g, 's' || g, 'p' || g, 1 FROM generate_series(1, 25) g",

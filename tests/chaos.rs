@@ -239,12 +239,7 @@ async fn sustained_load_keeps_memory_and_lag_bounded() {
     let shop = Shop::new("load").await;
     let cfg = shop.config("");
     let w = shop.worker(&cfg).await;
-    let addr = wait_until("http listener logged", T, || async {
-        let line = w.log_text().lines().find(|l| l.contains("http listening"))?.to_string();
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        v["addr"].as_str().map(str::to_string)
-    })
-    .await;
+    let addr = w.http_addr().await;
     // A rate this machine holds with the in-memory search server as a sink (~40 tx/s;
     // product changes fan out to every order that has the product).
     let wl = Workload::start(&shop, 7, Some(Duration::from_millis(25))).await;

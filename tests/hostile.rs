@@ -141,14 +141,7 @@ fields = ["body"]
 "#,
         shop.prefix
     ));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(shop.data_dir.path().join("data"))
-        .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
-        .output()
-        .unwrap();
+    let out = shop.viewkeeper(&cfg, &["run"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

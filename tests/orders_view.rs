@@ -305,11 +305,7 @@ fn backfill(cfg: &std::path::Path, data: &std::path::Path) -> std::process::Chil
 
 /// Sets every source's `snapshot_chunk_rows` in the config file.
 fn with_chunk_rows(cfg: &std::path::Path, n: usize) {
-    let text = std::fs::read_to_string(cfg).unwrap().replace(
-        "publication = \"",
-        &format!("snapshot_chunk_rows = {n}\npublication = \""),
-    );
-    std::fs::write(cfg, text).unwrap();
+    with_source_setting(cfg, &format!("snapshot_chunk_rows = {n}"));
 }
 
 /// Number of snapshot chunks the state store has recorded.
@@ -472,10 +468,7 @@ async fn backfill_pauses_to_stream_when_the_slot_retains_too_much_wal() {
     seed(&shop, 400).await;
     let cfg = shop.config("");
     with_chunk_rows(&cfg, 40);
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("publication = \"", "max_retained_wal_bytes = 1048576\npublication = \"");
-    std::fs::write(&cfg, text).unwrap();
+    with_source_setting(&cfg, "max_retained_wal_bytes = 1048576");
     let data = shop.data_dir.path().join("data");
 
     // The slots exist and hold WAL from their consistent points once the first chunks are in.

@@ -70,6 +70,14 @@ pub fn servers() -> &'static Servers {
     })
 }
 
+/// Adds `setting` (`key = value`) to every Postgres source of the config file.
+pub fn with_source_setting(cfg: &Path, setting: &str) {
+    let text = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace("publication = \"", &format!("{setting}\npublication = \""));
+    std::fs::write(cfg, text).unwrap();
+}
+
 /// Waits until `f` returns `Some`, polling every 50 ms; panics with `what` after `timeout`.
 pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -273,7 +281,8 @@ impl Shop {
             .get::<_, i64>(0) as u64
     }
 
-    /// `viewkeeper ARGS… --config CONFIG --data-dir <this shop's data dir>`, run to the end.
+    /// `viewkeeper ARGS… --config CONFIG --data-dir <this shop's data dir>`, run to the end
+    /// (an HTTP listener, for `run`, on a free port).
     pub fn viewkeeper(&self, config: &Path, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
             .args(args)
@@ -281,6 +290,7 @@ impl Shop {
             .arg(config)
             .arg("--data-dir")
             .arg(self.data_dir.path().join("data"))
+            .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
             .output()
             .expect("run viewkeeper")
     }
@@ -359,6 +369,17 @@ impl Worker {
             .spawn()
             .expect("start viewkeeper");
         Worker { child, log }
+    }
+
+    /// The address of the worker's HTTP listener, once it logged it.
+    pub async fn http_addr(&self) -> String {
+        wait_until("http listener logged", Duration::from_secs(60), || async {
+            let log = self.log_text();
+            let line = log.lines().find(|l| l.contains("http listening"))?;
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            v["addr"].as_str().map(str::to_string)
+        })
+        .await
     }
 
     pub fn log_text(&self) -> String {
