@@ -545,6 +545,10 @@ impl Engine {
         let mut letters = Vec::new();
         let mut source_letters = Vec::new();
         let mut completed = Vec::new();
+        // Per projection, the columns it reads of each table: an update that changes none
+        // of them (a price change seen by a view that shows no price) renders nothing.
+        let needed: Vec<BTreeMap<String, BTreeSet<String>>> =
+            self.projections.iter().map(Projection::needed_columns).collect();
         for b in batches {
             if let Some(mark) = &b.snapshot {
                 tx.record_snapshot(&b.source, mark)?;
@@ -576,7 +580,7 @@ impl Engine {
                 }
                 let images: Vec<&_> = applied.images.iter().collect();
                 for (pi, p) in self.projections.iter().enumerate() {
-                    if p.uses_table(&c.table) {
+                    if p.uses_table(&c.table) && !unchanged_for(&applied, needed[pi].get(&c.table)) {
                         let roots = p
                             .affected_roots(&c.table, &images, &tx)
                             .map_err(|e| EngineError::Lookup(e.to_string()))?;
@@ -609,6 +613,15 @@ impl Engine {
         }
         tx.commit()?;
         Ok((out, letters, completed))
+    }
+}
+
+/// Whether an applied change leaves every column in `cols` as it was (so a projection
+/// reading only those columns of the table has nothing to re-render).
+fn unchanged_for(applied: &crate::store::Applied, cols: Option<&BTreeSet<String>>) -> bool {
+    match (applied.in_place, applied.images.as_slice(), cols) {
+        (true, [before, after], Some(cols)) => cols.iter().all(|c| before.get(c) == after.get(c)),
+        _ => false,
     }
 }
 
@@ -660,3 +673,7 @@ fn rejection_letter(p: &Projection, r: Rejection, docs: &[SinkDoc]) -> DeadLette
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -75,7 +75,12 @@ pub struct DeadLetter {
 /// re-rendered (old and new image; the stored image for a no-op).
 #[derive(Debug, Default)]
 pub struct Applied {
+    /// The row's images before and after (several for a key change or a truncate).
     pub images: Vec<Row>,
+    /// An update of a stored row in place: same key, same tombstone; `images` holds
+    /// exactly the stored image and the new one. Projections whose columns of this table
+    /// are equal in both need not render anything for it.
+    pub in_place: bool,
     /// Columns sent as "unchanged TOAST" for which no stored value exists.
     pub missing_unchanged: Vec<String>,
 }
@@ -597,7 +602,7 @@ impl StoreTx<'_> {
                 }
                 let old_tomb = stored.as_ref().and_then(|(s, _)| s.tombstone.clone());
                 let tombstone = match &spec.decommissioned {
-                    Some(rule) if rule.matches(&image) => Some(match old_tomb {
+                    Some(rule) if rule.matches(&image) => Some(match old_tomb.clone() {
                         Some(t) if t.kind == TombstoneKind::Decommissioned => t,
                         _ => Tombstone {
                             kind: TombstoneKind::Decommissioned,
@@ -612,6 +617,8 @@ impl StoreTx<'_> {
                     tombstone,
                 };
                 self.save(table, &row, change.position)?;
+                let moved = change.old_key.as_ref().is_some_and(|k| *k != change.key);
+                applied.in_place = !moved && stored.is_some() && old_tomb == row.tombstone;
                 let old_image = stored.map(|(s, _)| s.image);
                 self.reindex(table, &row.key, old_image.as_ref(), &row.image)?;
                 applied.images.extend(old_image);

@@ -332,3 +332,44 @@ fn checkpoints_only_move_forward_and_survive_reopen() {
     assert_eq!(s.checkpoint("catalog").unwrap(), Some(Position::new(100, 0)));
     assert_eq!(s.checkpoint("nope").unwrap(), None);
 }
+
+#[test]
+fn in_place_marks_updates_that_keep_key_and_tombstone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let row = |name: &str, status: &str, pos| {
+        upsert(
+            "products",
+            json!([1]),
+            vec![
+                ("id", v(json!(1))),
+                ("name", v(json!(name))),
+                ("status", v(json!(status))),
+            ],
+            pos,
+        )
+    };
+    let a = apply(&mut s, &row("a", "active", 1));
+    assert!(!a.in_place, "an insert is not in place");
+    let a = apply(&mut s, &row("b", "active", 2));
+    assert!(a.in_place);
+    assert_eq!(a.images.len(), 2);
+    assert_eq!(a.images[0]["name"], json!("a"));
+    assert_eq!(a.images[1]["name"], json!("b"));
+    let a = apply(&mut s, &row("b", "decommissioned", 3));
+    assert!(!a.in_place, "decommissioning changes the tombstone");
+    let a = apply(&mut s, &row("c", "decommissioned", 4));
+    assert!(a.in_place, "an update of a decommissioned row keeps its tombstone");
+    let del = Change {
+        op: Op::Delete,
+        ..row("c", "decommissioned", 5)
+    };
+    apply(&mut s, &del);
+    let a = apply(&mut s, &row("c", "decommissioned", 6));
+    assert!(!a.in_place, "a row inserted again after its delete is not in place");
+    let mut moved = row("d", "active", 7);
+    moved.old_key = Some(moved.key.clone());
+    moved.key = Key::from_values(&[json!(2)]);
+    let a = apply(&mut s, &moved);
+    assert!(!a.in_place, "a key change moves the row");
+}
