@@ -142,8 +142,11 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         .map(|(i, _)| i)
         .collect();
     // Readiness flags, and the HTTP listener for a long-running worker.
+    // Every sink answered just now (connect_sinks waits for that): an idle worker is ready
+    // before its first write.
     let mut health = crate::http::Health {
         max_lag_seconds: cfg.http.max_lag_seconds,
+        sinks_ok: true.into(),
         ..Default::default()
     };
     for name in cfg.sources.keys() {

@@ -400,6 +400,11 @@ async fn http_listener_serves_health_readiness_and_metrics() {
     let http = reqwest::Client::new();
     let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    // Ready while idle: every source streams, every sink answered at start (no write needed).
+    wait_until("ready while idle", T, || async {
+        (get("/readyz").await.ok()?.status() == 200).then_some(())
+    })
+    .await;
     shop.exec(
         "catalog",
         "INSERT INTO products(id, sku, name, price) VALUES (1, 'a', 'a', 1)",
