@@ -455,6 +455,10 @@ impl Engine {
                 b.set_message(self.projections[pi].name.clone());
                 b
             });
+            // One chunk is written (in its own task) while the next one is rendered, so
+            // the sink's work and the store's overlap; at most one write is in flight.
+            let proj = Arc::new(self.projections[pi].clone());
+            let mut inflight: Option<tokio::task::JoinHandle<Written>> = None;
             for (ci, chunk) in keys.chunks(CHUNK).enumerate() {
                 let done = ci * CHUNK;
                 if let Some(b) = &bar {
@@ -473,40 +477,74 @@ impl Engine {
                     tx.commit()?;
                     Ok((docs, letters))
                 })?;
-                loop {
-                    let r = match (&*sink, target) {
-                        (Sink::Search(s), Some(ix)) => s.write_target(ix, false, &docs).await,
-                        _ => sink.write(&self.projections[pi], &docs).await,
-                    };
-                    match r {
-                        Ok(rejections) => {
-                            let mut letters = letters;
-                            letters.extend(
-                                rejections
-                                    .into_iter()
-                                    .map(|r| rejection_letter(&self.projections[pi], r, &docs)),
-                            );
-                            tokio::task::block_in_place(|| self.store.add_dead_letters(&letters))?;
-                            self.stats.documents += docs.len() as u64;
-                            break;
-                        }
-                        Err(e) if e.index_missing => continue 'again,
-                        Err(e) => {
-                            let delay = backoff.next().unwrap_or(self.retry_max);
-                            warn!(projection = %self.projections[pi].name, error = %e, "sink write failed during re-write; retrying");
-                            tokio::select! {
-                                biased;
-                                _ = shutdown.cancelled() => return Ok(false),
-                                _ = tokio::time::sleep(delay) => {}
-                            }
-                        }
+                if let Some(h) = inflight.take() {
+                    match self.settle(&proj, &sink, target, h, &mut backoff, shutdown).await? {
+                        Settled::Done => {}
+                        Settled::IndexMissing => continue 'again,
+                        Settled::Shutdown => return Ok(false),
                     }
+                }
+                inflight = Some(tokio::spawn(write_chunk(
+                    sink.clone(),
+                    proj.clone(),
+                    target.map(str::to_string),
+                    docs,
+                    letters,
+                )));
+            }
+            if let Some(h) = inflight.take() {
+                match self.settle(&proj, &sink, target, h, &mut backoff, shutdown).await? {
+                    Settled::Done => {}
+                    Settled::IndexMissing => continue 'again,
+                    Settled::Shutdown => return Ok(false),
                 }
             }
             if let Some(b) = bar {
                 b.finish();
             }
             return Ok(true);
+        }
+    }
+
+    /// Waits for a chunk written by [`write_chunk`]; a failed write is retried here
+    /// (with backoff) until the sink takes it, the index is gone, or shutdown.
+    async fn settle(
+        &mut self,
+        proj: &Projection,
+        sink: &Sink,
+        target: Option<&str>,
+        handle: tokio::task::JoinHandle<Written>,
+        backoff: &mut backon::ExponentialBackoff,
+        shutdown: &CancellationToken,
+    ) -> Result<Settled, EngineError> {
+        let Written {
+            mut result,
+            docs,
+            letters,
+        } = handle
+            .await
+            .map_err(|e| EngineError::Lookup(format!("sink write task failed: {e}")))?;
+        loop {
+            match result {
+                Ok(rejections) => {
+                    let mut letters = letters;
+                    letters.extend(rejections.into_iter().map(|r| rejection_letter(proj, r, &docs)));
+                    tokio::task::block_in_place(|| self.store.add_dead_letters(&letters))?;
+                    self.stats.documents += docs.len() as u64;
+                    return Ok(Settled::Done);
+                }
+                Err(e) if e.index_missing => return Ok(Settled::IndexMissing),
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(self.retry_max);
+                    warn!(projection = %proj.name, error = %e, "sink write failed during re-write; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(Settled::Shutdown),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    result = write_to(sink, proj, target, &docs).await;
+                }
+            }
         }
     }
 
@@ -614,6 +652,43 @@ impl Engine {
         tx.commit()?;
         Ok((out, letters, completed))
     }
+}
+
+/// A chunk's write, handed back by its task.
+struct Written {
+    result: Result<Vec<Rejection>, SinkError>,
+    docs: Vec<SinkDoc>,
+    letters: Vec<DeadLetter>,
+}
+
+enum Settled {
+    Done,
+    IndexMissing,
+    Shutdown,
+}
+
+/// Writes documents through the projection's alias, or into the concrete index `target`.
+async fn write_to(
+    sink: &Sink,
+    p: &Projection,
+    target: Option<&str>,
+    docs: &[SinkDoc],
+) -> Result<Vec<Rejection>, SinkError> {
+    match (sink, target) {
+        (Sink::Search(s), Some(ix)) => s.write_target(ix, false, docs).await,
+        _ => sink.write(p, docs).await,
+    }
+}
+
+async fn write_chunk(
+    sink: Arc<Sink>,
+    p: Arc<Projection>,
+    target: Option<String>,
+    docs: Vec<SinkDoc>,
+    letters: Vec<DeadLetter>,
+) -> Written {
+    let result = write_to(&sink, &p, target.as_deref(), &docs).await;
+    Written { result, docs, letters }
 }
 
 /// Whether an applied change leaves every column in `cols` as it was (so a projection
