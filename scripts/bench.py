@@ -138,31 +138,36 @@ class Endpoint:
             self.status_arrivals.clear()
             self.name_arrivals.clear()
 
-    def put_doc(self, ix, _id, doc, now):
+    STATUS = re.compile(rb'"status":\s*"(b[^"]*)"')
+    RENAMED = re.compile(rb'"name":\s*"(renamed-[^"]*)"')
+
+    def put_doc(self, ix, _id, raw, now):
+        """Takes one document (its NDJSON line). Only PGSync's documents are parsed whole
+        (their `_meta` is what PGSync's own searches look up); the watched values are found
+        with two regular expressions, so the endpoint costs both tools little."""
         ix.ids.add(_id)
         self.docs += 1
-        for k in ix.meta_keys.pop(_id, ()):
-            s = ix.inv.get(k)
-            if s:
-                s.discard(_id)
-        meta = doc.get("_meta")
-        if isinstance(meta, dict):
+        if b'"_meta"' in raw:
+            for k in ix.meta_keys.pop(_id, ()):
+                s = ix.inv.get(k)
+                if s:
+                    s.discard(_id)
+            doc = json.loads(raw)
+            if isinstance(doc, dict) and "doc" in doc and len(doc) == 1:
+                doc = doc["doc"]
             keys = []
-            for table, cols in meta.items():
+            for table, cols in (doc.get("_meta") or {}).items():
                 for col, vals in (cols or {}).items():
                     for v in vals if isinstance(vals, list) else [vals]:
                         k = (f"_meta.{table}.{col}", str(v))
                         ix.inv.setdefault(k, set()).add(_id)
                         keys.append(k)
             ix.meta_keys[_id] = keys
-        st = doc.get("status")
-        if isinstance(st, str) and st.startswith("b"):
-            self.status_arrivals.setdefault(st, {}).setdefault(_id, now)
-        for it in doc.get("items") or ():
-            p = it.get("product") if isinstance(it, dict) else None
-            n = p.get("name") if isinstance(p, dict) else None
-            if isinstance(n, str) and n.startswith("renamed-"):
-                self.name_arrivals.setdefault(n, {}).setdefault(_id, now)
+        m = self.STATUS.search(raw)
+        if m:
+            self.status_arrivals.setdefault(m.group(1).decode(), {}).setdefault(_id, now)
+        for n in set(self.RENAMED.findall(raw)):
+            self.name_arrivals.setdefault(n.decode(), {}).setdefault(_id, now)
 
     def bulk(self, body, path_index):
         now = time.monotonic()
@@ -182,11 +187,8 @@ class Endpoint:
                 ix = self.index(name, create=True)
                 _id = str(meta.get("_id"))
                 if op in ("index", "create", "update"):
-                    doc = json.loads(lines[i])
+                    self.put_doc(ix, _id, lines[i], now)
                     i += 1
-                    if op == "update":
-                        doc = doc.get("doc", {})
-                    self.put_doc(ix, _id, doc, now)
                     res = {"result": "created", "status": 201}
                 else:
                     self.deletes += 1
@@ -397,15 +399,23 @@ class Proc:
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
-    def tree_rss_kb(self):
-        pids = [self.p.pid]
-        try:
-            kids = subprocess.run(["pgrep", "-s", str(self.p.pid)], capture_output=True, text=True).stdout.split()
-            pids = sorted(set(pids) | {int(k) for k in kids})
-        except OSError:
-            pass
+    def session_pids(self):
+        """The processes of the child's session (PGSync forks workers)."""
+        pids = {self.p.pid}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    if int(fields[3]) == self.p.pid:  # field 6 of stat: the session id
+                        pids.add(int(d))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return pids
+
+    def tree_rss_kb(self, pids=None):
         total = 0
-        for pid in pids:
+        for pid in pids or self.session_pids():
             try:
                 with open(f"/proc/{pid}/status") as f:
                     for line in f:
@@ -416,8 +426,13 @@ class Proc:
         return total
 
     def _sample(self):
+        n = 0
+        pids = None
         while not self._stop.is_set() and self.p.poll() is None:
-            self.peak_kb = max(self.peak_kb, self.tree_rss_kb())
+            if n % 10 == 0:  # the process list once a second, the RSS ten times
+                pids = self.session_pids()
+            n += 1
+            self.peak_kb = max(self.peak_kb, self.tree_rss_kb(pids))
             self._stop.wait(0.1)
 
     def reset_peak(self):
@@ -451,6 +466,23 @@ class Proc:
     def tail(self, n=30):
         with open(self.logpath, "rb") as f:
             return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+
+
+@contextlib.contextmanager
+def profiled(name):
+    """With VK_BENCH_PERF=1: a system-wide `perf record` (cpu-clock samples, call graphs)
+    around one workload, into target/bench/perf-NAME.data (see BENCHMARKS.md)."""
+    if os.environ.get("VK_BENCH_PERF") != "1":
+        yield
+        return
+    out = os.path.join(OUT, f"perf-{name}.data")
+    p = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-F", "499", "-o", out],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait()
 
 
 def dir_mb(path):
@@ -708,8 +740,9 @@ def run_viewkeeper(a, port, results, baselines):
     EP.reset_watch()
     docs0 = EP.docs
     t0 = time.monotonic()
-    bf = Proc("viewkeeper-backfill", [VK_BIN, "backfill", "--config", cfg], env=env)
-    rc = bf.wait(a.timeout * 4)
+    with profiled("backfill"):
+        bf = Proc("viewkeeper-backfill", [VK_BIN, "backfill", "--config", cfg], env=env)
+        rc = bf.wait(a.timeout * 4)
     took = time.monotonic() - t0
     bf.stop()
     if rc != 0:
@@ -720,20 +753,24 @@ def run_viewkeeper(a, port, results, baselines):
 
     w = Proc("viewkeeper-run", [VK_BIN, "run", "--config", cfg], env=env)
     try:
-        wait_for("viewkeeper /readyz", lambda: http_ok(f"http://127.0.0.1:{http_port}/readyz"), 60, w, poll=0.05)
+        if not wait_for("viewkeeper /readyz", lambda: http_ok(f"http://127.0.0.1:{http_port}/readyz"), 60, w, poll=0.05):
+            raise SystemExit(f"bench: viewkeeper not ready within 60 s:\n{w.tail()}")
         probe(dbs["ordering"], "orders", "bprobe", w, 60)
         log("viewkeeper: stream-orders")
-        out["stream-orders"] = measure_stream_orders(dbs["ordering"], "orders", a, "v", w)
+        with profiled("stream-orders"):
+            out["stream-orders"] = measure_stream_orders(dbs["ordering"], "orders", a, "v", w)
         out["stream-orders"]["state_mb"] = dir_mb(data)
         log("viewkeeper: fan-out")
         out["fan-out"] = {}
         for pid, n in ((1, "small"), (2, "large")):
-            out["fan-out"][n] = measure_fanout_split(dbs, pid, f"renamed-v{pid}", a, w)
+            with profiled(f"fan-out-{n}"):
+                out["fan-out"][n] = measure_fanout_split(dbs, pid, f"renamed-v{pid}", a, w)
         out["fan-out"]["state_mb"] = dir_mb(data)
         log("viewkeeper: stream-cache (and the pg_recvlogical baseline over the same changes)")
         slot = "bench_recvlogical"
         sql(dbs["catalog"], f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
-        res, end_lsn = measure_stream_cache(dbs["catalog"], a, w)
+        with profiled("stream-cache"):
+            res, end_lsn = measure_stream_cache(dbs["catalog"], a, w)
         out["stream-cache"] = res
         out["stream-cache"]["state_mb"] = dir_mb(data)
     finally:
