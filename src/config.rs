@@ -47,6 +47,10 @@ pub struct EngineConfig {
     /// Bound of the queue of committed transactions between sources and the engine.
     #[serde(default = "EngineConfig::default_queue_transactions")]
     pub queue_transactions: usize,
+    /// Bound of the changes held in that queue (what bounds the worker's memory while the
+    /// engine is behind; a single transaction larger than this still passes, alone).
+    #[serde(default = "EngineConfig::default_queue_changes")]
+    pub queue_changes: usize,
     /// Backoff of retried sink writes and source reconnects: first and largest delay.
     #[serde(default = "EngineConfig::default_retry_min_ms")]
     pub retry_min_ms: u64,
@@ -65,6 +69,9 @@ impl EngineConfig {
     fn default_queue_transactions() -> usize {
         1_024
     }
+    fn default_queue_changes() -> usize {
+        20_000
+    }
     fn default_retry_min_ms() -> u64 {
         100
     }
@@ -81,6 +88,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch_changes: Self::default_max_batch_changes(),
             queue_transactions: Self::default_queue_transactions(),
+            queue_changes: Self::default_queue_changes(),
             retry_min_ms: Self::default_retry_min_ms(),
             retry_max_ms: Self::default_retry_max_ms(),
             drain_timeout_ms: Self::default_drain_timeout_ms(),

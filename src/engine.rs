@@ -99,6 +99,45 @@ pub struct Engine {
     pub health: Option<Arc<crate::http::Health>>,
     /// When `viewkeeper_state_store_bytes` was last measured.
     pub last_size_check: Option<std::time::Instant>,
+    /// The queue's change permits, handed back once a batch is durable (the worker's).
+    pub queue_permits: Option<QueuePermits>,
+}
+
+/// Permits of the queue between sources and engine: one per change, a batch larger than
+/// the whole bound takes all of them (it passes alone).
+#[derive(Clone)]
+pub struct QueuePermits {
+    sem: Arc<tokio::sync::Semaphore>,
+    cap: usize,
+}
+
+impl QueuePermits {
+    pub fn new(changes: usize) -> Self {
+        let cap = changes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        QueuePermits {
+            sem: Arc::new(tokio::sync::Semaphore::new(cap)),
+            cap,
+        }
+    }
+
+    fn cost(&self, batches: &[SourceBatch]) -> usize {
+        batches.iter().map(|b| b.changes.len().min(self.cap)).sum()
+    }
+
+    /// Waits until `b` fits; `false` when the queue is closed.
+    pub async fn take(&self, b: &SourceBatch) -> bool {
+        match self.sem.acquire_many(self.cost(std::slice::from_ref(b)) as u32).await {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.sem.add_permits(n);
+    }
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -177,8 +216,12 @@ impl Engine {
                     Err(_) => break,
                 }
             }
+            let taken = self.queue_permits.as_ref().map_or(0, |q| q.cost(&batches));
             if !self.process(batches, abort).await? {
                 return Ok(());
+            }
+            if let Some(q) = &self.queue_permits {
+                q.give_back(taken);
             }
         }
         if !self.held.is_empty() && !stop.is_cancelled() {

@@ -27,6 +27,7 @@ fn engine(dir: &std::path::Path) -> Engine {
         held: BTreeMap::new(),
         health: None,
         last_size_check: None,
+        queue_permits: None,
     }
 }
 
@@ -130,4 +131,28 @@ async fn updates_render_only_the_projections_that_read_a_changed_column() {
         6,
     );
     assert_eq!(docs_of(&mut e, batch("catalog", 6, vec![d])).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn queue_permits_bound_the_changes_waiting_and_let_a_big_batch_pass_alone() {
+    let q = QueuePermits::new(10);
+    let of = |n: usize| SourceBatch {
+        changes: (0..n).map(|i| product("1", "x", i as u64)).collect(),
+        ..Default::default()
+    };
+    assert!(q.take(&of(6)).await);
+    assert!(q.take(&of(4)).await);
+    // Full: the next batch waits until the engine hands permits back.
+    let more = of(1);
+    let waiting = q.take(&more);
+    tokio::pin!(waiting);
+    assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+        .await
+        .is_err());
+    q.give_back(q.cost(&[of(6)]));
+    assert!(waiting.await);
+    // A batch larger than the bound takes every permit, so it passes alone.
+    q.give_back(q.cost(&[of(4), of(1)]));
+    assert!(q.take(&of(25)).await);
+    assert_eq!(q.sem.available_permits(), 0);
 }

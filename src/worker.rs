@@ -158,7 +158,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         let (addr, _task) = crate::http::serve(&cfg.http.listen, health.clone(), handle, shutdown.clone()).await?;
         info!(%addr, "http listening (/metrics, /healthz, /readyz)");
     }
-    let (tx, rx) = mpsc::channel(cfg.engine.queue_transactions);
+    let (tx, rx, permits) = bounded_queue(&cfg.engine);
     let mut acks = BTreeMap::new();
     let mut sources = tokio::task::JoinSet::new();
     for (name, sc) in &cfg.sources {
@@ -247,6 +247,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
         held: BTreeMap::new(),
         health: Some(health),
         last_size_check: None,
+        queue_permits: Some(permits),
     };
     let started = std::time::Instant::now();
     let drain = Duration::from_millis(cfg.engine.drain_timeout_ms);
@@ -321,7 +322,34 @@ async fn standalone_engine(
         held: BTreeMap::new(),
         health: None,
         last_size_check: None,
+        queue_permits: None,
     }))
+}
+
+/// The queue between the sources and the engine: at most `queue_transactions` batches
+/// holding at most `queue_changes` changes (a gate task takes permits per change before a
+/// batch enters; the engine hands them back once the batch is durable). A source blocks
+/// while the queue is full, so the worker's memory is bounded by config, not by how far
+/// behind the engine is.
+fn bounded_queue(
+    e: &crate::config::EngineConfig,
+) -> (
+    mpsc::Sender<viewkeeper_connectors::source::SourceBatch>,
+    mpsc::Receiver<viewkeeper_connectors::source::SourceBatch>,
+    crate::engine::QueuePermits,
+) {
+    let (tx, mut from_sources) = mpsc::channel::<viewkeeper_connectors::source::SourceBatch>(1);
+    let (to_engine, rx) = mpsc::channel(e.queue_transactions.max(1));
+    let permits = crate::engine::QueuePermits::new(e.queue_changes);
+    let gate = permits.clone();
+    tokio::spawn(async move {
+        while let Some(b) = from_sources.recv().await {
+            if !gate.take(&b).await || to_engine.send(b).await.is_err() {
+                return;
+            }
+        }
+    });
+    (tx, rx, permits)
 }
 
 /// `viewkeeper dlq replay`: sends dead letters through the pipeline again; a letter
