@@ -14,5 +14,4 @@ pub mod snapshot;
 pub mod source;
 pub mod values;
 
-pub use tokio_postgres::Config as PgConfig;
 pub use connect::{PgConnectError, PgConnector};
