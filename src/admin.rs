@@ -8,7 +8,7 @@ use crate::store::{Catalog, DeadLetter, Store};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
-use viewkeeper_connectors::redis::RedisSink;
+use viewkeeper_connectors::postgres::PgConnector;
 
 fn open(cfg: &Config, data_dir: &Path) -> anyhow::Result<Store> {
     let catalog = Catalog {
@@ -111,10 +111,7 @@ pub async fn slot_drop(cfg: &Config, source: &str, yes: bool) -> anyhow::Result<
         );
         return Ok(());
     }
-    let (c, conn) = tokio_postgres::connect(pg.url.expose(), tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("source {source}: cannot connect"))?;
-    tokio::spawn(conn);
+    let (c, _conn) = pg.connect().await.with_context(|| format!("source {source}"))?;
     let active: Option<bool> = c
         .query_opt(
             "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
@@ -233,7 +230,7 @@ async fn sink_health(cfg: &Config, name: &str, sc: &SinkConfig) -> Value {
     let r: anyhow::Result<()> = async {
         match sc {
             SinkConfig::Redis(r) => {
-                RedisSink::connect(name, r.url.expose(), 1).await?;
+                r.connect(name, 1).await?;
             }
             SinkConfig::Elasticsearch(e) => {
                 e.client(name, &cfg.engine)?.alias_target("_viewkeeper_probe").await?;
@@ -254,7 +251,7 @@ async fn projection_count(cfg: &Config, p: &viewkeeper_projections::spec::Projec
     let r: anyhow::Result<u64> = async {
         match &cfg.sinks[&p.sink] {
             SinkConfig::Redis(r) => {
-                let s = RedisSink::connect(&p.sink, r.url.expose(), 1).await?;
+                let s = r.connect(&p.sink, 1).await?;
                 let pattern = crate::verify::key_pattern(p.key.as_deref().unwrap_or_default());
                 Ok(s.scan(&pattern).await?.len() as u64)
             }
@@ -274,12 +271,14 @@ async fn projection_count(cfg: &Config, p: &viewkeeper_projections::spec::Projec
 
 /// The slot as Postgres sees it: active, confirmed flush, WAL it retains.
 async fn slot_info(url: &str, slot: &str) -> Value {
-    let conn = tokio_postgres::connect(url, tokio_postgres::NoTls).await;
-    let (client, conn) = match conn {
-        Ok(c) => c,
-        Err(e) => return json!({ "error": format!("cannot connect: {e}") }),
+    let conn = match PgConnector::parse(url) {
+        Ok(c) => c.connect().await.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("bad connection string: {e}")),
     };
-    tokio::spawn(conn);
+    let (client, _conn) = match conn {
+        Ok(c) => c,
+        Err(e) => return json!({ "error": e }),
+    };
     match client
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text, coalesce(wal_status, ''),

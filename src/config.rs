@@ -193,6 +193,65 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+/// A secret that is not a URL (an API key): the string itself or `{ file = "…" }`, like
+/// [`SecretUrl`]; shown as `***` in `Debug` and `check-config`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        SecretUrl::deserialize(d).map(|s| Secret(s.0))
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// librdkafka properties; the values of secret ones (`sasl.password`, `ssl.key.password`,
+/// `sasl.jaas.config`, …: any key naming a password, secret, key or JAAS config) are
+/// `***` in `Debug` and `check-config`. A value may also be `{ file = "…" }`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaProperties(pub BTreeMap<String, Secret>);
+
+impl KafkaProperties {
+    pub fn is_secret(key: &str) -> bool {
+        let k = key.to_ascii_lowercase();
+        ["password", "secret", "jaas", ".key.pem", "ssl.key", "keystore", "token"]
+            .iter()
+            .any(|w| k.contains(w))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+
+    /// The plain values, for librdkafka.
+    pub fn exposed(&self) -> BTreeMap<String, String> {
+        self.0.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()
+    }
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if Self::is_secret(k) { "***" } else { v.0.as_str() };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
@@ -219,9 +278,10 @@ pub struct DebeziumSource {
     /// e.g. `products = { price = "decimal(2)" }`. A schema in the message wins.
     #[serde(default)]
     pub column_types: BTreeMap<String, BTreeMap<String, String>>,
-    /// Extra librdkafka consumer properties (security, fetch sizes, …).
+    /// Extra librdkafka consumer properties (security, fetch sizes, …); secret ones are
+    /// redacted in `Debug` / `check-config` (see [`KafkaProperties`]).
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub properties: KafkaProperties,
     #[serde(default = "DebeziumSource::default_session_timeout_ms")]
     pub session_timeout_ms: u64,
     /// Records per batch at most.
@@ -256,7 +316,8 @@ impl DebeziumSource {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSource {
-    /// `postgres://user[:password]@host:port/database`.
+    /// `postgres://user[:password]@host:port/database[?sslmode=verify-full&sslrootcert=/ca.crt]`
+    /// (TLS as in libpq: see [`viewkeeper_connectors::postgres::connect`]).
     pub url: SecretUrl,
     /// Logical replication slot (created when missing).
     pub slot: String,
@@ -292,6 +353,13 @@ pub enum SnapshotMode {
 }
 
 impl PostgresSource {
+    /// Connects to the source's database with the URL's TLS settings; the connection is
+    /// driven by the returned task.
+    pub async fn connect(&self) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+        let pg = viewkeeper_connectors::postgres::PgConnector::parse(self.url.expose()).map_err(anyhow::Error::msg)?;
+        Ok(pg.connect().await?)
+    }
+
     fn default_status_interval_ms() -> u64 {
         1_000
     }
@@ -325,8 +393,17 @@ pub struct BlackholeSink {}
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchSink {
-    /// `http(s)://[user:password@]host:port`.
+    /// `http(s)://[user:password@]host:port`: a user and password in the URL are sent as
+    /// HTTP basic authentication.
     pub url: SecretUrl,
+    /// An Elasticsearch API key (the base64 `encoded` form the API returns), sent as
+    /// `Authorization: ApiKey …`; instead of a user and password.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// A PEM file of the CA certificates that sign the server's (HTTPS); without it the
+    /// Mozilla roots. The host name is always checked.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// A bulk request is cut once it passes this size; one request is in flight.
     #[serde(default = "SearchSink::default_max_bulk_bytes")]
     pub max_bulk_bytes: usize,
@@ -348,6 +425,8 @@ impl SearchSink {
             name,
             &viewkeeper_connectors::elasticsearch::SearchSettings {
                 url: self.url.expose().to_string(),
+                api_key: self.api_key.as_ref().map(|k| k.expose().to_string()),
+                ca_file: self.ca_file.clone(),
                 max_bulk_bytes: self.max_bulk_bytes,
                 retry_min: std::time::Duration::from_millis(engine.retry_min_ms),
                 retry_max: std::time::Duration::from_millis(engine.retry_max_ms),
@@ -371,7 +450,13 @@ impl SearchSink {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSink {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS (the host name
+    /// is checked against the server's certificate).
     pub url: SecretUrl,
+    /// A PEM file of the CA certificates that sign the server's (with `rediss://`);
+    /// without it the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Commands per pipelined round trip.
     #[serde(default = "RedisSink::default_pipeline")]
     pub pipeline: usize,
@@ -380,6 +465,16 @@ pub struct RedisSink {
 impl RedisSink {
     fn default_pipeline() -> usize {
         256
+    }
+
+    /// Connects the sink `name` (Redis answered, the write script is loaded).
+    pub async fn connect(
+        &self,
+        name: &str,
+        pipeline: usize,
+    ) -> Result<viewkeeper_connectors::redis::RedisSink, viewkeeper_connectors::sink::SinkError> {
+        viewkeeper_connectors::redis::RedisSink::connect(name, self.url.expose(), self.ca_file.as_deref(), pipeline)
+            .await
     }
 }
 
@@ -457,8 +552,8 @@ impl Config {
                     let p = format!("sources.{name}");
                     check_ident(&mut out, &format!("{p}.slot"), &pg.slot);
                     check_ident(&mut out, &format!("{p}.publication"), &pg.publication);
-                    if let Err(e) = pg.url.expose().parse::<viewkeeper_connectors::postgres::PgConfig>() {
-                        out.push(format!("{p}.url: not a Postgres connection string ({e}); e.g. postgres://postgres@127.0.0.1:54329/catalog"));
+                    if let Err(e) = viewkeeper_connectors::postgres::PgConnector::parse(pg.url.expose()) {
+                        out.push(format!("{p}.url: not a usable Postgres connection string ({e}); e.g. postgres://postgres@127.0.0.1:54329/catalog?sslmode=verify-full&sslrootcert=/etc/viewkeeper/ca.crt"));
                     }
                     if pg.snapshot_chunk_rows == 0 {
                         out.push(format!("{p}.snapshot_chunk_rows: must be at least 1"));
@@ -529,10 +624,31 @@ impl Config {
                     if r.pipeline == 0 {
                         out.push(format!("sinks.{name}.pipeline: must be at least 1"));
                     }
+                    if let Some(ca) = &r.ca_file {
+                        if !r.url.expose().starts_with("rediss://") {
+                            out.push(format!("sinks.{name}.ca_file: only for TLS; use a rediss:// URL"));
+                        }
+                        if let Err(e) = viewkeeper_connectors::tls::load_roots(ca) {
+                            out.push(format!("sinks.{name}.ca_file: {e}"));
+                        }
+                    }
                 }
                 SinkConfig::Elasticsearch(e) => {
                     if !e.url.expose().starts_with("http://") && !e.url.expose().starts_with("https://") {
                         out.push(format!("sinks.{name}.url: must start with http:// or https://"));
+                    }
+                    if let Some(ca) = &e.ca_file {
+                        if !e.url.expose().starts_with("https://") {
+                            out.push(format!("sinks.{name}.ca_file: only for HTTPS; use an https:// URL"));
+                        }
+                        if let Err(err) = viewkeeper_connectors::tls::load_roots(ca) {
+                            out.push(format!("sinks.{name}.ca_file: {err}"));
+                        }
+                    }
+                    if e.api_key.is_some() && e.url.redacted() != *e.url.expose() {
+                        out.push(format!(
+                            "sinks.{name}.api_key: give either an API key or a user and password in the URL, not both"
+                        ));
                     }
                 }
                 SinkConfig::Blackhole(_) => {}
@@ -678,6 +794,32 @@ mod tests {
             SecretUrl("host=x password=s3 user=u".into()).redacted(),
             "host=x password=*** user=u"
         );
+    }
+
+    #[test]
+    fn api_keys_and_kafka_secrets_are_redacted() {
+        let text = DEBEZIUM.replace(
+            "topics = { products",
+            "properties = { \"security.protocol\" = \"SASL_SSL\", \"sasl.username\" = \"vk\", \"sasl.password\" = \"kafka-s3cret\", \"ssl.key.password\" = \"key-s3cret\" }\n        topics = { products",
+        ) + r#"
+        [sinks.search]
+        kind = "elasticsearch"
+        url = "https://es.example:9200"
+        api_key = "YXBpLWtleS1zM2NyZXQ="
+        "#;
+        let c = load(&text).unwrap();
+        let shown = format!("{c:#?}");
+        for secret in ["kafka-s3cret", "key-s3cret", "YXBpLWtleS1zM2NyZXQ="] {
+            assert!(!shown.contains(secret), "{secret} shown:\n{shown}");
+        }
+        assert!(shown.contains("SASL_SSL") && shown.contains("\"vk\""), "{shown}");
+        let SourceConfig::Debezium(d) = &c.sources["catalog"] else {
+            panic!("a debezium source")
+        };
+        assert_eq!(d.properties.exposed()["sasl.password"], "kafka-s3cret");
+        let both = text.replace("https://es.example", "https://u:p@es.example");
+        let err = load(&both).unwrap_err().to_string();
+        assert!(err.contains("sinks.search.api_key: give either"), "{err}");
     }
 
     #[test]

@@ -175,10 +175,7 @@ async fn load_truth(
         match &cfg.sources[&spec.source] {
             SourceConfig::Debezium(_) => rows = stored,
             SourceConfig::Postgres(pg) => {
-                let (c, conn) = tokio_postgres::connect(pg.url.expose(), tokio_postgres::NoTls)
-                    .await
-                    .with_context(|| format!("source {}: cannot connect", spec.source))?;
-                let task = tokio::spawn(conn);
+                let (c, task) = pg.connect().await.with_context(|| format!("source {}", spec.source))?;
                 c.batch_execute(snapshot::SESSION_SETTINGS).await?;
                 let binding = TableBinding {
                     alias: alias.clone(),
@@ -502,7 +499,7 @@ pub async fn verify(
     let mut sinks = BTreeMap::new();
     for (name, sc) in &cfg.sinks {
         let s = match sc {
-            SinkConfig::Redis(r) => SinkRef::Redis(RedisSink::connect(name, r.url.expose(), r.pipeline).await?),
+            SinkConfig::Redis(r) => SinkRef::Redis(r.connect(name, r.pipeline).await?),
             SinkConfig::Elasticsearch(e) => SinkRef::Search(e.client(name, &cfg.engine)?, String::new()),
             SinkConfig::Blackhole(_) => continue,
         };

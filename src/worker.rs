@@ -23,7 +23,6 @@ use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::kafka::{KafkaSource, KafkaSourceSettings};
 use viewkeeper_connectors::postgres::decode::TableBinding;
 use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
-use viewkeeper_connectors::redis::RedisSink;
 use viewkeeper_connectors::sink::SinkError;
 use viewkeeper_projections::model::{Key, Position};
 use viewkeeper_projections::render::Projection;
@@ -64,9 +63,7 @@ async fn connect_sinks(
             .build();
         let sink = loop {
             let r = match sc {
-                SinkConfig::Redis(r) => RedisSink::connect(name, r.url.expose(), r.pipeline)
-                    .await
-                    .map(Sink::Redis),
+                SinkConfig::Redis(r) => r.connect(name, r.pipeline).await.map(Sink::Redis),
                 SinkConfig::Elasticsearch(e) => connect_search(cfg, name, e, &mut created).await.map(Sink::Search),
                 SinkConfig::Blackhole(_) => Ok(Sink::Blackhole(name.clone())),
             };
@@ -185,7 +182,7 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
                     brokers: d.brokers.clone(),
                     group_id: d.group_id.clone().unwrap_or_else(|| format!("viewkeeper-{name}")),
                     topics,
-                    properties: d.properties.clone(),
+                    properties: d.properties.exposed(),
                     session_timeout_ms: d.session_timeout_ms,
                     max_batch_records: d.max_batch_records,
                     revoke_timeout: Duration::from_millis(d.revoke_timeout_ms),

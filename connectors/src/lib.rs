@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod redis;
 pub mod sink;
 pub mod source;
+pub mod tls;
 
 #[cfg(test)]
 mod fuzz_tests;

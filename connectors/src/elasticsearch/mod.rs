@@ -15,6 +15,8 @@
 
 use crate::sink::{Rejection, SinkDoc, SinkError};
 use backon::BackoffBuilder;
+use elasticsearch::auth::Credentials;
+use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::headers::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{Method, Url};
@@ -36,7 +38,12 @@ pub struct SearchSink {
 /// Settings of a search sink.
 #[derive(Clone, Debug)]
 pub struct SearchSettings {
+    /// `http(s)://[user:password@]host:port`; a user and password go as basic auth.
     pub url: String,
+    /// An API key (the base64 `encoded` form), sent as `Authorization: ApiKey …`.
+    pub api_key: Option<String>,
+    /// CA certificates (PEM) that sign the server's, for HTTPS; the host name is checked.
+    pub ca_file: Option<std::path::PathBuf>,
     pub max_bulk_bytes: usize,
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -75,10 +82,30 @@ fn action_lines(index: &str, alias: bool, d: &SinkDoc, out: &mut Vec<u8>) {
 impl SearchSink {
     pub fn new(name: &str, s: &SearchSettings) -> Result<Self, SinkError> {
         let err = |m: String| SinkError::new(name, m);
-        let url = Url::parse(&s.url).map_err(|e| err(format!("bad url: {e}")))?;
-        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+        let mut url = Url::parse(&s.url).map_err(|e| err(format!("bad url: {e}")))?;
+        // Credentials in the URL become basic auth (left in the URL, reqwest would send
+        // a second Authorization header).
+        let basic = (!url.username().is_empty()).then(|| {
+            let decode = |v: &str| crate::tls::percent_decode(v).unwrap_or_else(|_| v.to_string());
+            (decode(url.username()), decode(url.password().unwrap_or("")))
+        });
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .disable_proxy()
-            .timeout(s.request_timeout)
+            .timeout(s.request_timeout);
+        match (&s.api_key, basic) {
+            (Some(key), _) => builder = builder.auth(Credentials::EncodedApiKey(key.clone())),
+            (None, Some((user, password))) => builder = builder.auth(Credentials::Basic(user, password)),
+            (None, None) => {}
+        }
+        if let Some(ca) = &s.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| err(format!("cannot read the CA file {}: {e}", ca.display())))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| err(format!("cannot parse the CA file {}: {e}", ca.display())))?;
+            builder = builder.cert_validation(CertificateValidation::Full(cert));
+        }
+        let transport = builder
             .build()
             .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         Ok(SearchSink {

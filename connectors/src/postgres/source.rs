@@ -12,16 +12,16 @@
 //! checkpoint exists, a table without a usable replica identity, or `wal_level` other
 //! than `logical` are fatal, with the fix in the message.
 
+use super::connect::{PgConnectError, PgConnector};
 use super::decode::{TableBinding, TxDecoder};
 use super::pgoutput::{self, PgOutputMessage};
 use super::snapshot;
 use crate::source::{SnapshotMark, SourceBatch, SourceDeadLetter, SourceError, TableProgress};
 use backon::BackoffBuilder;
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use viewkeeper_projections::model::Position;
@@ -90,6 +90,8 @@ enum Start {
 
 pub struct PgSource {
     s: PgSourceSettings,
+    /// The parsed URL with its TLS setup (an error: the URL or its CA file is bad).
+    pg: Result<PgConnector, String>,
 }
 
 fn quote_ident(s: &str) -> String {
@@ -102,7 +104,24 @@ fn quote_table(t: &str) -> String {
 
 impl PgSource {
     pub fn new(s: PgSourceSettings) -> Self {
-        PgSource { s }
+        let pg = PgConnector::parse(&s.url);
+        PgSource { s, pg }
+    }
+
+    fn connector(&self) -> Result<&PgConnector, SourceError> {
+        self.pg
+            .as_ref()
+            .map_err(|e| self.fatal(format!("bad connection string: {e}")))
+    }
+
+    /// A failed connection: TLS failures (untrusted certificate, wrong host name, TLS
+    /// refused) are setup errors, fatal; the rest is transient.
+    fn connect_failed(&self, what: &str, e: PgConnectError) -> SourceError {
+        if e.tls {
+            self.fatal(format!("{what}: {e}"))
+        } else {
+            self.transient(format!("{what}: {e}"))
+        }
     }
 
     fn fatal(&self, message: impl Into<String>) -> SourceError {
@@ -186,10 +205,11 @@ impl PgSource {
 
     /// Checks the server and creates the publication and slot when missing.
     async fn prepare(&self, has_checkpoint: bool) -> Result<Start, SourceError> {
-        let (client, conn) = tokio_postgres::connect(&self.s.url, NoTls)
+        let (client, conn_task) = self
+            .connector()?
+            .connect()
             .await
-            .map_err(|e| self.transient(format!("cannot connect: {e}")))?;
-        let conn_task = tokio::spawn(conn);
+            .map_err(|e| self.connect_failed("postgres", e))?;
         let r = self.prepare_on(&client, has_checkpoint).await;
         drop(client);
         let _ = conn_task.await;
@@ -330,12 +350,19 @@ impl PgSource {
     }
 
     fn replication_config(&self, from: Position) -> Result<ReplicationConfig, SourceError> {
-        let cfg: tokio_postgres::Config = self.s.url.parse().map_err(|e| self.fatal(format!("bad url: {e}")))?;
-        let host = match cfg.get_hosts().first() {
+        let pg = self.connector()?;
+        let cfg = pg.config();
+        let name = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "localhost".to_string(),
         };
+        // libpq's hostaddr: connect there, check the certificate against the host name.
+        let host = cfg
+            .get_hostaddrs()
+            .first()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| name.clone());
         let port = cfg.get_ports().first().copied().unwrap_or(5432);
         let user = cfg.get_user().unwrap_or("postgres").to_string();
         let password = cfg
@@ -343,10 +370,7 @@ impl PgSource {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let db = cfg.get_dbname().unwrap_or(&user).to_string();
-        let tls = match cfg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Require => TlsConfig::require(),
-            _ => TlsConfig::disabled(),
-        };
+        let tls = pg.replication_tls(&name);
         Ok(ReplicationConfig::new(
             host,
             user,
@@ -593,10 +617,11 @@ impl PgSource {
         acks: &mut watch::Receiver<Position>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Position>, SourceError> {
-        let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls)
+        let (c, conn_task) = self
+            .connector()?
+            .connect()
             .await
-            .map_err(|e| self.transient(format!("cannot connect for the snapshot: {e}")))?;
-        let conn_task = tokio::spawn(conn);
+            .map_err(|e| self.connect_failed("initial snapshot", e))?;
         let r = self.snapshot_on(&c, cp, progress, tx, acks, shutdown).await;
         drop(c);
         let _ = conn_task.await;
@@ -741,10 +766,12 @@ impl PgSource {
     /// sees it and moves on even when no published table changes. Best effort.
     async fn heartbeat(&self) {
         let r: Result<(), String> = async {
-            let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls)
+            let (c, task) = self
+                .connector()
+                .map_err(|e| e.to_string())?
+                .connect()
                 .await
                 .map_err(|e| e.to_string())?;
-            let task = tokio::spawn(conn);
             let r = c
                 .batch_execute("SELECT pg_logical_emit_message(false, 'viewkeeper_heartbeat', now()::text)")
                 .await
@@ -763,8 +790,7 @@ impl PgSource {
     /// warns past `max_retained_wal_bytes`. Best effort: a failed query is only logged.
     async fn check_slot(&self) {
         let retained: Result<Option<(i64, i64)>, String> = async {
-            let (c, conn) = tokio_postgres::connect(&self.s.url, NoTls).await.map_err(|e| e.to_string())?;
-            let task = tokio::spawn(conn);
+            let (c, task) = self.connector().map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
             let r = c
                 .query_opt(
                     "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
@@ -809,6 +835,11 @@ impl PgSource {
 
     fn classify(&self, e: pgwire_replication::PgWireError) -> SourceError {
         let msg = e.to_string();
+        if e.is_tls() {
+            if let Ok(pg) = &self.pg {
+                return self.fatal(format!("replication connection: {}", pg.error(&msg)));
+            }
+        }
         if msg.contains("does not exist") && msg.contains("slot") {
             self.fatal(format!(
                 "{msg}: the replication slot is gone; rebuild with `viewkeeper backfill`"

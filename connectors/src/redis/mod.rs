@@ -56,10 +56,32 @@ pub fn field_text(v: &Value) -> Option<String> {
 }
 
 impl RedisSink {
-    /// Connects (the manager reconnects by itself after a loss).
-    pub async fn connect(name: &str, url: &str, pipeline: usize) -> Result<Self, SinkError> {
+    /// Connects (the manager reconnects by itself after a loss). `rediss://` URLs use
+    /// TLS, verified against `ca_file` (PEM) when given, else the system's roots.
+    pub async fn connect(
+        name: &str,
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        pipeline: usize,
+    ) -> Result<Self, SinkError> {
         let err = |e: redis::RedisError| SinkError::new(name, format!("cannot connect to Redis: {e}"));
-        let client = redis::Client::open(url).map_err(err)?;
+        let client = if url.starts_with("rediss://") {
+            crate::tls::install_default_provider();
+            let root_cert = match ca_file {
+                Some(p) => Some(
+                    std::fs::read(p)
+                        .map_err(|e| SinkError::new(name, format!("cannot read the CA file {}: {e}", p.display())))?,
+                ),
+                None => None,
+            };
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert,
+            };
+            redis::Client::build_with_tls(url, certs).map_err(err)?
+        } else {
+            redis::Client::open(url).map_err(err)?
+        };
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(std::time::Duration::from_secs(5))
             .set_response_timeout(std::time::Duration::from_secs(30))
