@@ -717,6 +717,29 @@ def http_ok(url):
         return False
 
 
+WATCHED = ("viewkeeper_batches_total", "viewkeeper_changes_applied_total", "viewkeeper_sink_write_seconds_sum",
+           "viewkeeper_sink_write_seconds_count", "viewkeeper_documents_written_total")
+
+
+def vk_metrics(http_port):
+    """The worker's counters that explain a workload (batches, sink time, documents)."""
+    out = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except Exception:
+        return out
+    for line in text.splitlines():
+        if line.startswith(WATCHED):
+            name, _, val = line.rpartition(" ")
+            out[name] = float(val)
+    return out
+
+
+def delta(after, before):
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
 def probe(db, table, marker, proc, timeout):
     """Waits until a change made now is visible: the tool is streaming."""
     EP.reset_watch()
@@ -757,8 +780,11 @@ def run_viewkeeper(a, port, results, baselines):
             raise SystemExit(f"bench: viewkeeper not ready within 60 s:\n{w.tail()}")
         probe(dbs["ordering"], "orders", "bprobe", w, 60)
         log("viewkeeper: stream-orders")
+        m0 = vk_metrics(http_port)
         with profiled("stream-orders"):
             out["stream-orders"] = measure_stream_orders(dbs["ordering"], "orders", a, "v", w)
+        m1 = vk_metrics(http_port)
+        out["stream-orders"]["worker_metrics"] = delta(m1, m0)
         out["stream-orders"]["state_mb"] = dir_mb(data)
         log("viewkeeper: fan-out")
         out["fan-out"] = {}
@@ -769,9 +795,11 @@ def run_viewkeeper(a, port, results, baselines):
         log("viewkeeper: stream-cache (and the pg_recvlogical baseline over the same changes)")
         slot = "bench_recvlogical"
         sql(dbs["catalog"], f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
+        m0 = vk_metrics(http_port)
         with profiled("stream-cache"):
             res, end_lsn = measure_stream_cache(dbs["catalog"], a, w)
         out["stream-cache"] = res
+        out["stream-cache"]["worker_metrics"] = delta(vk_metrics(http_port), m0)
         out["stream-cache"]["state_mb"] = dir_mb(data)
     finally:
         w.stop()
