@@ -30,7 +30,11 @@ use viewkeeper_connectors::redis::RedisSink;
 use viewkeeper_connectors::sink::{Rejection, SinkDoc, SinkError};
 use viewkeeper_connectors::source::{SnapshotMark, SourceBatch};
 use viewkeeper_projections::model::{Key, Position};
-use viewkeeper_projections::render::{Projection, RenderError, RowLookup};
+use viewkeeper_projections::render::{MemoLookup, Projection, RenderError, RowLookup};
+
+/// Rows remembered while one batch (or chunk) renders: shared customers and products are
+/// read from the store once.
+const MEMO_ROWS: usize = 10_000;
 
 /// A connected sink.
 pub enum Sink {
@@ -516,7 +520,9 @@ impl Engine {
                     let tx = self.store.begin()?;
                     let first = tx.next_versions(chunk.len() as u64)?;
                     let mut letters = Vec::new();
-                    let docs = render_docs(&self.projections[pi], chunk.iter(), first, &tx, &mut letters)?;
+                    let memo = MemoLookup::new(&tx, MEMO_ROWS);
+                    let docs = render_docs(&self.projections[pi], chunk.iter(), first, &memo, &mut letters)?;
+                    drop(memo);
                     tx.commit()?;
                     Ok((docs, letters))
                 })?;
@@ -688,10 +694,13 @@ impl Engine {
         let total: u64 = affected.iter().map(|s| s.len() as u64).sum();
         let mut version = if total > 0 { tx.next_versions(total)? } else { 0 };
         let mut out = Vec::with_capacity(self.projections.len());
+        // Every change is applied: the store holds still while the documents render.
+        let memo = MemoLookup::new(&tx, MEMO_ROWS);
         for (pi, p) in self.projections.iter().enumerate() {
-            out.push(render_docs(p, affected[pi].iter(), version, &tx, &mut letters)?);
+            out.push(render_docs(p, affected[pi].iter(), version, &memo, &mut letters)?);
             version += affected[pi].len() as u64;
         }
+        drop(memo);
         tx.commit()?;
         Ok((out, letters, completed))
     }

@@ -28,6 +28,44 @@ pub trait RowLookup {
 
 pub type LookupError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Remembers the answers of `get` over a store that does not change meanwhile (rendering
+/// a batch looks up the same customers and products for order after order). Holds at most
+/// `limit` rows; past that it starts over, so memory stays bounded.
+pub struct MemoLookup<'a> {
+    inner: &'a dyn RowLookup,
+    gets: std::cell::RefCell<std::collections::HashMap<(String, Key), Option<StoredRow>>>,
+    limit: usize,
+}
+
+impl<'a> MemoLookup<'a> {
+    pub fn new(inner: &'a dyn RowLookup, limit: usize) -> Self {
+        MemoLookup {
+            inner,
+            gets: Default::default(),
+            limit: limit.max(1),
+        }
+    }
+}
+
+impl RowLookup for MemoLookup<'_> {
+    fn get(&self, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError> {
+        let k = (table.to_string(), key.clone());
+        if let Some(r) = self.gets.borrow().get(&k) {
+            return Ok(r.clone());
+        }
+        let r = self.inner.get(table, key)?;
+        let mut gets = self.gets.borrow_mut();
+        if gets.len() >= self.limit {
+            gets.clear();
+        }
+        gets.insert(k, r.clone());
+        Ok(r)
+    }
+    fn find(&self, table: &str, columns: &[String], values: &[Value]) -> Result<Vec<StoredRow>, LookupError> {
+        self.inner.find(table, columns, values)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
     #[error("state store lookup failed: {0}")]

@@ -291,3 +291,41 @@ fn deleted_customer_keeps_snapshot_and_shows_deleted() {
         json!({"id": 7, "name": "Ada", "email": "ada@example.com", "deleted": true})
     );
 }
+
+/// Counts the lookups that reach the store.
+struct Counting<'a>(&'a MemRows, std::cell::Cell<usize>);
+
+impl crate::render::RowLookup for Counting<'_> {
+    fn get(&self, t: &str, k: &Key) -> Result<Option<crate::model::StoredRow>, crate::render::LookupError> {
+        self.1.set(self.1.get() + 1);
+        self.0.get(t, k)
+    }
+    fn find(
+        &self,
+        t: &str,
+        c: &[String],
+        v: &[Value],
+    ) -> Result<Vec<crate::model::StoredRow>, crate::render::LookupError> {
+        self.0.find(t, c, v)
+    }
+}
+
+#[test]
+fn memo_lookup_renders_the_same_and_asks_the_store_once_per_row() {
+    use crate::render::{MemoLookup, RowLookup};
+    let rows = shop();
+    let plain = orders_view().render(&key(json!([1001])), &rows).unwrap();
+    let counting = Counting(&rows, Default::default());
+    let memo = MemoLookup::new(&counting, 100);
+    for _ in 0..3 {
+        assert_eq!(orders_view().render(&key(json!([1001])), &memo).unwrap(), plain);
+    }
+    // order, customer, two products: four rows, each fetched once over three renders.
+    assert_eq!(counting.1.get(), 4);
+    // Bounded: with room for one row it starts over instead of growing.
+    let counting = Counting(&rows, Default::default());
+    let small = MemoLookup::new(&counting, 1);
+    assert_eq!(orders_view().render(&key(json!([1001])), &small).unwrap(), plain);
+    assert!(small.get("products", &key(json!([42]))).unwrap().is_some());
+    assert!(counting.1.get() >= 5);
+}
