@@ -246,11 +246,36 @@ impl Engine {
         shutdown: &CancellationToken,
     ) -> Result<bool, EngineError> {
         let (docs, mut letters, completed) = tokio::task::block_in_place(|| self.apply_and_render(&batches))?;
-        for (pi, docs) in docs.iter().enumerate() {
-            if docs.is_empty() {
-                continue;
-            }
-            let Some(rejections) = self.write_retrying(pi, docs, shutdown).await? else {
+        // The projections' first writes go out together (each sink works on its own; one
+        // Redis connection pipelines them); a failed one is retried alone below.
+        let work: Vec<usize> = (0..docs.len()).filter(|pi| !docs[*pi].is_empty()).collect();
+        let mut extras = Vec::with_capacity(work.len());
+        for &pi in &work {
+            // A rebuild in progress (maybe in another process) fills a new index: write
+            // there too. Read after this batch was applied, so the rebuild's own render
+            // (which starts after it registered) covers everything written before.
+            let name = &self.projections[pi].name;
+            extras.push(tokio::task::block_in_place(|| self.store.rebuild_target(name))?);
+        }
+        let firsts = {
+            let projections = &self.projections;
+            let health = self.health.clone();
+            let sinks: Vec<Arc<Sink>> = work
+                .iter()
+                .map(|&pi| self.sinks[&projections[pi].spec.sink].clone())
+                .collect();
+            let health = health.as_deref();
+            futures_util::future::join_all(
+                work.iter()
+                    .zip(&extras)
+                    .zip(&sinks)
+                    .map(|((&pi, extra), sink)| attempt(sink, &projections[pi], extra.as_deref(), &docs[pi], health)),
+            )
+            .await
+        };
+        for (&pi, first) in work.iter().zip(firsts) {
+            let docs = &docs[pi];
+            let Some(rejections) = self.write_retrying(pi, docs, shutdown, Some(first)).await? else {
                 return Ok(false);
             };
             let proj = &self.projections[pi];
@@ -367,7 +392,7 @@ impl Engine {
             Ok((docs, letters))
         })?;
         if !docs.is_empty() {
-            let Some(rejections) = self.write_retrying(pi, &docs, shutdown).await? else {
+            let Some(rejections) = self.write_retrying(pi, &docs, shutdown, None).await? else {
                 return Ok(None);
             };
             let p = &self.projections[pi];
@@ -407,38 +432,32 @@ impl Engine {
         pi: usize,
         docs: &[SinkDoc],
         shutdown: &CancellationToken,
+        mut first: Option<Result<Vec<Rejection>, SinkError>>,
     ) -> Result<Option<Vec<Rejection>>, EngineError> {
         let mut backoff = self.backoff();
         loop {
-            let sink = self.sinks[&self.projections[pi].spec.sink].clone();
-            // A rebuild in progress (maybe in another process) fills a new index: write
-            // there too. Read after this batch was applied, so the rebuild's own render
-            // (which starts after it registered) covers everything written before.
-            let name = self.projections[pi].name.clone();
-            let extra = tokio::task::block_in_place(|| self.store.rebuild_target(&name))?;
-            let started = std::time::Instant::now();
-            let sink_name = self.projections[pi].spec.sink.clone();
-            let r = match sink.write(&self.projections[pi], docs).await {
-                Ok(r) => match (&*sink, extra) {
-                    (Sink::Search(s), Some(ix)) => s.write_target(&ix, false, docs).await.map(|r2| [r, r2].concat()),
-                    _ => Ok(r),
-                },
-                Err(e) => Err(e),
-            };
-            metrics::histogram!("viewkeeper_sink_write_seconds", "sink" => sink_name.clone())
-                .record(started.elapsed().as_secs_f64());
-            if let Some(h) = &self.health {
-                h.sinks_ok.store(r.is_ok(), std::sync::atomic::Ordering::Relaxed);
-            }
-            let e = match r {
-                Ok(r) => {
-                    metrics::counter!("viewkeeper_documents_written_total", "projection" => name)
-                        .increment(docs.len() as u64);
-                    return Ok(Some(r));
+            let r = match first.take() {
+                Some(r) => r,
+                None => {
+                    let sink = self.sinks[&self.projections[pi].spec.sink].clone();
+                    let name = self.projections[pi].name.clone();
+                    let extra = tokio::task::block_in_place(|| self.store.rebuild_target(&name))?;
+                    attempt(
+                        &sink,
+                        &self.projections[pi],
+                        extra.as_deref(),
+                        docs,
+                        self.health.as_deref(),
+                    )
+                    .await
                 }
+            };
+            let e = match r {
+                Ok(r) => return Ok(Some(r)),
                 Err(e) => e,
             };
-            metrics::counter!("viewkeeper_sink_retries_total", "sink" => sink_name).increment(1);
+            metrics::counter!("viewkeeper_sink_retries_total", "sink" => self.projections[pi].spec.sink.clone())
+                .increment(1);
             if e.index_missing {
                 warn!(projection = %self.projections[pi].name, error = %e, "index is gone; recreating it and re-writing every document from the state store");
                 if !self.resync_projection(pi, shutdown).await? {
@@ -704,6 +723,35 @@ impl Engine {
         tx.commit()?;
         Ok((out, letters, completed))
     }
+}
+
+/// One write of a projection's documents through its alias (and into a rebuild's new
+/// index `extra`), with the sink's metrics and the readiness flag.
+async fn attempt(
+    sink: &Sink,
+    p: &Projection,
+    extra: Option<&str>,
+    docs: &[SinkDoc],
+    health: Option<&crate::http::Health>,
+) -> Result<Vec<Rejection>, SinkError> {
+    let started = std::time::Instant::now();
+    let r = match sink.write(p, docs).await {
+        Ok(r) => match (sink, extra) {
+            (Sink::Search(s), Some(ix)) => s.write_target(ix, false, docs).await.map(|r2| [r, r2].concat()),
+            _ => Ok(r),
+        },
+        Err(e) => Err(e),
+    };
+    metrics::histogram!("viewkeeper_sink_write_seconds", "sink" => p.spec.sink.clone())
+        .record(started.elapsed().as_secs_f64());
+    if let Some(h) = health {
+        h.sinks_ok.store(r.is_ok(), std::sync::atomic::Ordering::Relaxed);
+    }
+    if r.is_ok() {
+        metrics::counter!("viewkeeper_documents_written_total", "projection" => p.name.clone())
+            .increment(docs.len() as u64);
+    }
+    r
 }
 
 /// A chunk's write, handed back by its task.
