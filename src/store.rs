@@ -214,9 +214,14 @@ impl Store {
         &self.catalog
     }
 
-    /// Starts a write transaction.
+    /// Starts a write transaction. IMMEDIATE: the write lock is taken at the start, so
+    /// another process writing meanwhile (a `backfill --rebuild` beside the worker) makes
+    /// this wait (busy timeout) instead of failing at its first write with
+    /// SQLITE_BUSY_SNAPSHOT, as a deferred transaction whose snapshot went stale does.
     pub fn begin(&mut self) -> Result<StoreTx<'_>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         Ok(StoreTx {
             tx,
             catalog: &self.catalog,

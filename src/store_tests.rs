@@ -373,3 +373,48 @@ fn in_place_marks_updates_that_keep_key_and_tombstone() {
     let a = apply(&mut s, &moved);
     assert!(!a.in_place, "a key change moves the row");
 }
+
+#[test]
+fn a_second_writer_waits_instead_of_breaking_a_transaction_in_progress() {
+    // The worker's apply transaction reads, then writes; a rebuild in another process
+    // commits in between. The worker's transaction must not fail at its first write.
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Store::open(dir.path(), catalog()).unwrap();
+    let path = dir.path().to_path_buf();
+    apply(
+        &mut a,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("a")))],
+            1,
+        ),
+    );
+    let tx = a.begin().unwrap();
+    assert!(tx.get("products", &Key::from_values(&[json!(1)])).unwrap().is_some());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let other = std::thread::spawn(move || {
+        let mut b = Store::open(&path, catalog()).unwrap();
+        let btx = b.begin().unwrap();
+        let first = btx.next_versions(1).unwrap();
+        btx.commit().unwrap();
+        done_tx.send(()).unwrap();
+        first
+    });
+    // The other writer cannot commit while this transaction is open.
+    assert!(done_rx.recv_timeout(std::time::Duration::from_millis(500)).is_err());
+    let mine = tx
+        .next_versions(1)
+        .expect("the first write of a transaction in progress");
+    tx.apply(&upsert(
+        "products",
+        json!([1]),
+        vec![("id", v(json!(1))), ("name", v(json!("b")))],
+        2,
+    ))
+    .unwrap();
+    tx.commit().unwrap();
+    let theirs = other.join().unwrap();
+    assert!(theirs > mine, "versions stay ordered across writers: {theirs} > {mine}");
+    assert_eq!(get(&a, "products", json!([1])).unwrap().image["name"], json!("b"));
+}
