@@ -777,8 +777,9 @@ def run_viewkeeper(a, port, results, baselines):
 
     w = Proc("viewkeeper-run", [VK_BIN, "run", "--config", cfg], env=env)
     try:
-        if not wait_for("viewkeeper /readyz", lambda: http_ok(f"http://127.0.0.1:{http_port}/readyz"), 60, w, poll=0.05):
-            raise SystemExit(f"bench: viewkeeper not ready within 60 s:\n{w.tail()}")
+        # Up (/healthz), then streaming: the probe's change is visible.
+        if not wait_for("viewkeeper /healthz", lambda: http_ok(f"http://127.0.0.1:{http_port}/healthz"), 60, w, poll=0.05):
+            raise SystemExit(f"bench: viewkeeper not up within 60 s:\n{w.tail()}")
         probe(dbs["ordering"], "orders", "bprobe", w, 60)
         log("viewkeeper: stream-orders")
         m0 = vk_metrics(http_port)
@@ -1089,7 +1090,7 @@ def main():
     a.orders = a.orders or (20000 if q else 100000)
     a.customers = a.customers or (2000 if q else 10000)
     a.products = a.products or 1000
-    a.stream_orders = a.stream_orders or (4000 if q else 20000)
+    a.stream_orders = a.stream_orders or (10000 if q else 20000)
     a.stream_cache = a.stream_cache or (40000 if q else 200000)
     a.fanout = [300, a.fanout_large or 10000]
     a.timeout = a.timeout or (180 if q else 600)
