@@ -418,3 +418,59 @@ fn a_second_writer_waits_instead_of_breaking_a_transaction_in_progress() {
     assert!(theirs > mine, "versions stay ordered across writers: {theirs} > {mine}");
     assert_eq!(get(&a, "products", json!([1])).unwrap().image["name"], json!("b"));
 }
+
+#[test]
+fn rows_written_many_times_in_a_transaction_read_and_index_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let item = |product: i64, pos| {
+        upsert(
+            "items",
+            json!([1, 1]),
+            vec![
+                ("order_id", v(json!(1))),
+                ("line_no", v(json!(1))),
+                ("product_id", v(json!(product))),
+            ],
+            pos,
+        )
+    };
+    apply(&mut s, &item(1, 1));
+    let by_product = |tx: &StoreTx, p: i64| {
+        tx.find("items", &["product_id".to_string()], &[json!(p)])
+            .unwrap()
+            .len()
+    };
+    let tx = s.begin().unwrap();
+    for (i, p) in [2, 3, 4, 5].into_iter().enumerate() {
+        tx.apply(&item(p, 2 + i as u64)).unwrap();
+        // Reads inside the transaction see the last write, by key and through the index.
+        assert_eq!(
+            tx.get("items", &Key::from_values(&[json!(1), json!(1)]))
+                .unwrap()
+                .unwrap()
+                .image["product_id"],
+            json!(p)
+        );
+        assert_eq!(by_product(&tx, p), 1, "the index follows within the transaction");
+        assert_eq!(by_product(&tx, p - 1), 0);
+    }
+    // Pending writes with no read in between, then a truncate-free commit.
+    tx.apply(&item(6, 10)).unwrap();
+    tx.apply(&item(7, 11)).unwrap();
+    tx.commit().unwrap();
+    let tx = s.begin().unwrap();
+    assert_eq!(by_product(&tx, 7), 1);
+    for p in 1..7 {
+        assert_eq!(by_product(&tx, p), 0, "no stale index entry for product {p}");
+    }
+    drop(tx);
+    let (row, pos) = {
+        let tx = s.begin().unwrap();
+        tx.load("items", &Key::from_values(&[json!(1), json!(1)]))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(row.image["product_id"], json!(7));
+    assert_eq!(pos, Position::new(11, 0));
+}
