@@ -225,7 +225,6 @@ impl Store {
         Ok(StoreTx {
             tx,
             catalog: &self.catalog,
-            pending: Default::default(),
         })
     }
 
@@ -432,44 +431,11 @@ fn index_value(image: &Row, cols: &[String]) -> Option<String> {
 pub struct StoreTx<'a> {
     tx: Transaction<'a>,
     catalog: &'a Catalog,
-    /// Rows written in this transaction, held here and written to SQLite once, with their
-    /// last image, when something must read SQLite (a `find`, a truncate) or at commit: a
-    /// batch that updates a row many times writes it once. `get` reads through it.
-    pending: std::cell::RefCell<HashMap<(String, Key), PendingRow>>,
-}
-
-struct PendingRow {
-    row: StoredRow,
-    pos: Position,
-    /// The image the reverse index holds for the row (`None`: none), when the row's index
-    /// entries are to be brought up to date at the flush.
-    indexed: Option<Option<Row>>,
 }
 
 impl StoreTx<'_> {
     pub fn commit(self) -> Result<(), StoreError> {
-        self.flush()?;
         Ok(self.tx.commit()?)
-    }
-
-    /// Writes the pending rows and their index entries to SQLite.
-    fn flush(&self) -> Result<(), StoreError> {
-        let pending = std::mem::take(&mut *self.pending.borrow_mut());
-        for ((table, _), p) in pending {
-            self.save_now(&table, &p.row, p.pos)?;
-            if let Some(old) = p.indexed {
-                self.reindex_now(&table, &p.row.key, old.as_ref(), &p.row.image)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The row as this transaction sees it (pending or stored), for [`RowLookup::get`].
-    fn current(&self, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError> {
-        if let Some(p) = self.pending.borrow().get(&(table.to_string(), key.clone())) {
-            return Ok(Some(p.row.clone()));
-        }
-        lookup_get(&self.tx, table, key)
     }
 
     pub fn add_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
@@ -516,9 +482,6 @@ impl StoreTx<'_> {
     }
 
     fn load(&self, table: &str, key: &Key) -> Result<Option<(StoredRow, Position)>, StoreError> {
-        if let Some(p) = self.pending.borrow().get(&(table.to_string(), key.clone())) {
-            return Ok(Some((p.row.clone(), p.pos)));
-        }
         let mut st = self.tx.prepare_cached(
             "SELECT image, pos_major, pos_minor, tomb_kind, tomb_at FROM rows WHERE tbl = ?1 AND key = ?2",
         )?;
@@ -536,22 +499,7 @@ impl StoreTx<'_> {
             .transpose()
     }
 
-    /// Keeps the row's new state for the flush.
     fn save(&self, table: &str, row: &StoredRow, pos: Position) -> Result<(), StoreError> {
-        let mut pending = self.pending.borrow_mut();
-        let e = pending
-            .entry((table.to_string(), row.key.clone()))
-            .or_insert_with(|| PendingRow {
-                row: row.clone(),
-                pos,
-                indexed: None,
-            });
-        e.row = row.clone();
-        e.pos = pos;
-        Ok(())
-    }
-
-    fn save_now(&self, table: &str, row: &StoredRow, pos: Position) -> Result<(), StoreError> {
         let (kind, at) = match &row.tombstone {
             None => (None, None),
             Some(t) => (Some(tomb_kind_str(t.kind)), Some(t.at_ms)),
@@ -574,18 +522,7 @@ impl StoreTx<'_> {
         Ok(())
     }
 
-    /// Notes that the row's index entries must follow it (from `old`, what they reflect
-    /// now, unless an earlier change of this transaction noted it first); done at the flush.
-    fn reindex(&self, table: &str, key: &Key, old: Option<&Row>, _new: &Row) -> Result<(), StoreError> {
-        if let Some(p) = self.pending.borrow_mut().get_mut(&(table.to_string(), key.clone())) {
-            if p.indexed.is_none() {
-                p.indexed = Some(old.cloned());
-            }
-        }
-        Ok(())
-    }
-
-    fn reindex_now(&self, table: &str, key: &Key, old: Option<&Row>, new: &Row) -> Result<(), StoreError> {
+    fn reindex(&self, table: &str, key: &Key, old: Option<&Row>, new: &Row) -> Result<(), StoreError> {
         for (t, cols) in &self.catalog.indexes {
             if t != table {
                 continue;
@@ -694,7 +631,6 @@ impl StoreTx<'_> {
             }
             Op::Delete => self.delete(table, &change.key, change, &mut applied)?,
             Op::Truncate => {
-                self.flush()?;
                 let mut keys = Vec::new();
                 {
                     let mut st = self.tx.prepare_cached("SELECT key FROM rows WHERE tbl = ?1")?;
@@ -832,10 +768,9 @@ impl RowLookup for Store {
 
 impl RowLookup for StoreTx<'_> {
     fn get(&self, table: &str, key: &Key) -> Result<Option<StoredRow>, LookupError> {
-        self.current(table, key)
+        lookup_get(&self.tx, table, key)
     }
     fn find(&self, table: &str, columns: &[String], values: &[Value]) -> Result<Vec<StoredRow>, LookupError> {
-        self.flush()?;
         lookup_find(&self.tx, self.catalog, table, columns, values)
     }
 }
