@@ -232,6 +232,11 @@ impl Projection {
             if node.table != table {
                 continue;
             }
+            if node.parent.is_none() {
+                // The root table: the rows are the roots (no copies of the images).
+                roots.extend(images.iter().filter_map(|r| Key::of_row(r, root_pk)));
+                continue;
+            }
             let mut rows: Vec<Row> = images.iter().map(|r| (*r).clone()).collect();
             let mut at = i;
             while let Some(p) = self.nodes[at].parent {
