@@ -157,6 +157,32 @@ fn plain_key(key: &Key) -> String {
 }
 
 impl Engine {
+    /// An engine over `store` writing to `sinks`, with the `[engine]` settings; nothing
+    /// acknowledged to sources, no health flags, no queue permits (the worker sets those).
+    pub fn new(
+        store: Store,
+        projections: Vec<Projection>,
+        sinks: BTreeMap<String, Arc<Sink>>,
+        cfg: &crate::config::EngineConfig,
+    ) -> Engine {
+        Engine {
+            store,
+            projections,
+            sinks,
+            acks: BTreeMap::new(),
+            max_batch_changes: cfg.max_batch_changes,
+            retry_min: Duration::from_millis(cfg.retry_min_ms),
+            retry_max: Duration::from_millis(cfg.retry_max_ms),
+            stats: Stats::default(),
+            resync: vec![],
+            defer_snapshot_render: false,
+            held: BTreeMap::new(),
+            health: None,
+            last_size_check: None,
+            queue_permits: None,
+        }
+    }
+
     /// Processes batches until `stop` or until every source is gone. On `stop` no new
     /// batch is taken; the batch in hand gets `drain` to reach the sinks and its
     /// checkpoint, then it is abandoned before its checkpoint (it replays on the next

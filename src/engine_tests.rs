@@ -13,22 +13,7 @@ fn engine(dir: &std::path::Path) -> Engine {
         .keys()
         .map(|n| (n.clone(), Arc::new(Sink::Blackhole(n.clone()))))
         .collect();
-    Engine {
-        store: Store::open(dir, catalog).unwrap(),
-        projections,
-        sinks,
-        acks: BTreeMap::new(),
-        max_batch_changes: 5000,
-        retry_min: Duration::from_millis(10),
-        retry_max: Duration::from_millis(10),
-        stats: Stats::default(),
-        resync: vec![],
-        defer_snapshot_render: false,
-        held: BTreeMap::new(),
-        health: None,
-        last_size_check: None,
-        queue_permits: None,
-    }
+    Engine::new(Store::open(dir, catalog).unwrap(), projections, sinks, &cfg.engine)
 }
 
 fn upsert(table: &str, key: serde_json::Value, cells: serde_json::Value, pos: u64) -> Change {

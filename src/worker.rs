@@ -231,20 +231,12 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
     }
     drop(tx);
     let engine = Engine {
-        store,
-        projections,
-        sinks,
         acks,
-        max_batch_changes: cfg.engine.max_batch_changes,
-        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
-        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
-        stats: Default::default(),
         resync,
         defer_snapshot_render: mode == Mode::Backfill,
-        held: BTreeMap::new(),
         health: Some(health),
-        last_size_check: None,
         queue_permits: Some(permits),
+        ..Engine::new(store, projections, sinks, &cfg.engine)
     };
     let started = std::time::Instant::now();
     let drain = Duration::from_millis(cfg.engine.drain_timeout_ms);
@@ -305,22 +297,7 @@ async fn standalone_engine(
     let Some((sinks, _)) = connect_sinks(cfg, shutdown).await? else {
         return Ok(None);
     };
-    Ok(Some(Engine {
-        store,
-        projections,
-        sinks,
-        acks: BTreeMap::new(),
-        max_batch_changes: cfg.engine.max_batch_changes,
-        retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
-        retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
-        stats: Default::default(),
-        resync: vec![],
-        defer_snapshot_render: false,
-        held: BTreeMap::new(),
-        health: None,
-        last_size_check: None,
-        queue_permits: None,
-    }))
+    Ok(Some(Engine::new(store, projections, sinks, &cfg.engine)))
 }
 
 /// The queue between the sources and the engine: at most `queue_transactions` batches
