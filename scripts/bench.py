@@ -622,7 +622,7 @@ def measure_stream_orders(db, table, a, tag, proc):
             "rss_mb": proc.peak_mb()}
 
 
-def measure_stream_cache(db, a, proc, recv_slot=None):
+def measure_stream_cache(db, a, proc):
     """stream-cache: `a.stream_cache` price updates, every product once per transaction; the
     price of transaction k is 1000 + k. A poller reads a spread sample of the cache entries
     (pipelined HGET) and notes when each transaction's price (or a later one) shows."""

@@ -66,13 +66,7 @@ async fn least_privilege_role_and_acl_user_with_secrets_from_files() {
     std::fs::write(&cfg, &text).unwrap();
     assert!(!text.contains(&password));
 
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["check-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-    let shown = String::from_utf8_lossy(&check.stdout);
+    let shown = check_config(&cfg);
     assert!(shown.contains(&format!("{role}:***@")), "{shown}");
     assert!(!shown.contains(&password), "password shown by check-config");
 
@@ -222,23 +216,9 @@ async fn verified_tls_to_postgres_and_redis() {
     });
     let redis_url = redis_tls_url().replacen("rediss://", &format!("rediss://{user}:{password}@"), 1);
     std::fs::write(dir.join("redis.url"), &redis_url).unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &format!("url = \"{}\"", servers().redis),
-        &format!(
-            "url = {{ file = \"{}\" }}\nca_file = \"{}\"",
-            dir.join("redis.url").display(),
-            ca.display()
-        ),
-    );
-    std::fs::write(&cfg, &text).unwrap();
+    url_from_file_with_ca(&cfg, &servers().redis, &dir.join("redis.url"), &ca);
 
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["check-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let shown = check_config(&cfg);
     assert!(shown.contains(&format!("rediss://{user}:***@")), "{shown}");
     assert!(shown.contains("sslmode=verify-full"), "{shown}");
     assert!(!shown.contains(&password), "password shown by check-config");
@@ -379,22 +359,8 @@ async fn search_over_https_with_basic_auth() {
     let sink_url = |pw: &str| url.replacen("https://", &format!("https://viewkeeper:{pw}@"), 1);
     std::fs::write(dir.join("search.url"), sink_url(&password)).unwrap();
     let cfg = shop.config("");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &format!("url = \"{}\"", servers().search),
-        &format!(
-            "url = {{ file = \"{}\" }}\nca_file = \"{}\"",
-            dir.join("search.url").display(),
-            ca.display()
-        ),
-    );
-    std::fs::write(&cfg, &text).unwrap();
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["check-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    url_from_file_with_ca(&cfg, &servers().search, &dir.join("search.url"), &ca);
+    let shown = check_config(&cfg);
     assert!(shown.contains("https://viewkeeper:***@"), "{shown}");
     assert!(!shown.contains(&password), "password shown by check-config");
 
@@ -445,4 +411,28 @@ async fn search_over_https_with_basic_auth() {
     .await;
     assert!(line.contains("401"), "{line}");
     assert!(!w.log_text().contains(&wrong), "password in the worker's log");
+}
+
+/// `viewkeeper check-config` over `cfg`: must succeed; its output.
+fn check_config(cfg: &std::path::Path) -> String {
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["check-config", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    String::from_utf8_lossy(&check.stdout).into_owned()
+}
+
+/// Points the sink whose url is `old` at the secret in `file`, verified with `ca`.
+fn url_from_file_with_ca(cfg: &std::path::Path, old: &str, file: &std::path::Path, ca: &std::path::Path) {
+    let text = std::fs::read_to_string(cfg).unwrap().replace(
+        &format!("url = \"{old}\""),
+        &format!(
+            "url = {{ file = \"{}\" }}\nca_file = \"{}\"",
+            file.display(),
+            ca.display()
+        ),
+    );
+    std::fs::write(cfg, text).unwrap();
 }
