@@ -173,3 +173,33 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A clone holds everything its tests read: no tracked file refers to a folder beside the
+/// repository (the Debezium fixtures were read from one, so a fresh clone failed its tests).
+#[test]
+fn nothing_in_the_repository_reads_from_beside_it() {
+    let out = std::process::Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(REPO)
+        .output()
+        .expect("git ls-files");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let files: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split('\0')
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
+        .collect();
+    assert!(files.iter().any(|f| f.ends_with("SOURCES.md")), "fixtures are tracked");
+    let beside = ["..", "/shared"].concat();
+    let mut offenders = Vec::new();
+    for f in &files {
+        let Ok(text) = std::fs::read_to_string(format!("{REPO}/{f}")) else {
+            continue; // binary
+        };
+        if text.contains(&beside) {
+            offenders.push(f.clone());
+        }
+    }
+    assert!(offenders.is_empty(), "files reading from beside the repository: {offenders:?}");
+}

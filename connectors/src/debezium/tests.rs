@@ -1,4 +1,4 @@
-//! Decoding tests over every published Debezium sample in `shared/fixtures/debezium`
+//! Decoding tests over every published Debezium sample in `connectors/tests/fixtures/debezium`
 //! (see its `SOURCES.md`), plus synthetic events for what Debezium publishes no sample
 //! of (Postgres decimals, temporal, JSON, UUID, array and bytea values), error paths,
 //! and a no-panic sweep over mutated fixtures.
@@ -12,7 +12,7 @@ use viewkeeper_projections::model::{Cell, Change, Key, Op, Position};
 const TOPIC: &str = "dbserver1.inventory.customers";
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/debezium")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium")
 }
 
 fn fixture(name: &str) -> String {
@@ -151,7 +151,7 @@ fn outcome(r: &Result<Decoded, DecodeError>) -> String {
 #[test]
 fn every_fixture_file_is_listed() {
     let mut on_disk: Vec<String> = std::fs::read_dir(fixture_dir())
-        .expect("shared/fixtures/debezium beside the repository")
+        .expect("connectors/tests/fixtures/debezium")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.ends_with(".json") || n.ends_with(".jsonl"))
         .collect();
