@@ -9,6 +9,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
 use viewkeeper_connectors::postgres::PgConnector;
+use viewkeeper_projections::render::Projection;
 
 fn open(cfg: &Config, data_dir: &Path) -> anyhow::Result<Store> {
     let catalog = Catalog {
@@ -150,7 +151,7 @@ pub fn dlq_drop(cfg: &Config, data_dir: &Path, ids: Option<Vec<i64>>, yes: bool)
         );
         return Ok(());
     }
-    let mut store = Store::open(data_dir, catalog)?;
+    let mut store = Store::open_beside(data_dir, catalog)?;
     let n = store.delete_dead_letters(&ids)?;
     println!("deleted {n} dead letter(s)");
     Ok(())
@@ -183,6 +184,7 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
     for (name, sc) in &cfg.sinks {
         sinks.insert(name.clone(), sink_health(cfg, name, sc).await);
     }
+    let (compiled, _) = crate::worker::compile(cfg)?;
     let mut projections = serde_json::Map::new();
     for (name, p) in &cfg.projections {
         let last_write = cfg
@@ -196,7 +198,7 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
             name.clone(),
             json!({
                 "sink": p.sink,
-                "documents": projection_count(cfg, p).await,
+                "documents": projection_count(cfg, &compiled, name).await,
                 "last_write_at": last_write,
             }),
         );
@@ -246,14 +248,18 @@ async fn sink_health(cfg: &Config, name: &str, sc: &SinkConfig) -> Value {
     }
 }
 
-/// Documents behind the alias, or cache entries matching the key template.
-async fn projection_count(cfg: &Config, p: &viewkeeper_projections::spec::ProjectionSpec) -> Value {
+/// Documents behind the alias, or cache entries of the projection (keys of its template
+/// that are no other projection's: templates may overlap).
+async fn projection_count(cfg: &Config, compiled: &[Projection], name: &str) -> Value {
     let r: anyhow::Result<u64> = async {
+        let proj = compiled.iter().find(|c| c.name == name).context("projection")?;
+        let p = &proj.spec;
         match &cfg.sinks[&p.sink] {
             SinkConfig::Redis(r) => {
                 let s = r.connect(&p.sink, 1).await?;
-                let pattern = crate::verify::key_pattern(p.key.as_deref().unwrap_or_default());
-                Ok(s.scan(&pattern).await?.len() as u64)
+                let others: Vec<&Projection> = compiled.iter().filter(|o| o.spec.sink == p.sink).collect();
+                let keys = s.scan(&proj.id_pattern()).await?;
+                Ok(keys.iter().filter(|k| crate::verify::owns(proj, &others, k)).count() as u64)
             }
             SinkConfig::Elasticsearch(e) => {
                 let alias = p.index.as_ref().map(|i| i.alias.clone()).unwrap_or_default();

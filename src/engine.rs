@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::redis::RedisSink;
-use viewkeeper_connectors::sink::{Rejection, SinkDoc, SinkError};
+use viewkeeper_connectors::sink::{Lost, Rejection, SinkDoc, SinkError};
 use viewkeeper_connectors::source::{SnapshotMark, SourceBatch};
 use viewkeeper_projections::model::{Key, Position};
 use viewkeeper_projections::render::{MemoLookup, Projection, RenderError, RowLookup};
@@ -45,6 +45,14 @@ pub enum Sink {
 }
 
 impl Sink {
+    /// What the sink's storage is (Redis: the server's `run_id`), when it can tell.
+    pub fn identity(&self) -> Option<String> {
+        match self {
+            Sink::Redis(r) => r.identity(),
+            _ => None,
+        }
+    }
+
     async fn write(&self, p: &Projection, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
         match self {
             Sink::Redis(r) => r.write(&p.spec, docs).await,
@@ -90,9 +98,6 @@ pub struct Engine {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub stats: Stats,
-    /// Projections to re-write whole before streaming (their index was just created
-    /// over a non-empty state store).
-    pub resync: Vec<usize>,
     /// `viewkeeper backfill`: render once at the end, after every source's snapshot,
     /// instead of after each one.
     pub defer_snapshot_render: bool,
@@ -105,6 +110,8 @@ pub struct Engine {
     pub last_size_check: Option<std::time::Instant>,
     /// The queue's change permits, handed back once a batch is durable (the worker's).
     pub queue_permits: Option<QueuePermits>,
+    /// Projections were marked for a re-write while another was being re-written.
+    pub resync_due: bool,
 }
 
 /// Permits of the queue between sources and engine: one per change, a batch larger than
@@ -174,12 +181,12 @@ impl Engine {
             retry_min: Duration::from_millis(cfg.retry_min_ms),
             retry_max: Duration::from_millis(cfg.retry_max_ms),
             stats: Stats::default(),
-            resync: vec![],
             defer_snapshot_render: false,
             held: BTreeMap::new(),
             health: None,
             last_size_check: None,
             queue_permits: None,
+            resync_due: false,
         }
     }
 
@@ -224,10 +231,8 @@ impl Engine {
         stop: &CancellationToken,
         abort: &CancellationToken,
     ) -> Result<(), EngineError> {
-        for pi in std::mem::take(&mut self.resync) {
-            if !self.resync_projection(pi, abort).await? {
-                return Ok(());
-            }
+        if !self.write_pending(abort).await? || !self.resync_marked(abort).await? {
+            return Ok(());
         }
         loop {
             let first = tokio::select! {
@@ -260,7 +265,7 @@ impl Engine {
                 return Ok(());
             }
             let held = std::mem::take(&mut self.held);
-            tokio::task::block_in_place(|| self.store.set_checkpoints(&held))?;
+            tokio::task::block_in_place(|| self.store.set_checkpoints(&held, None))?;
         }
         Ok(())
     }
@@ -271,7 +276,12 @@ impl Engine {
         batches: Vec<SourceBatch>,
         shutdown: &CancellationToken,
     ) -> Result<bool, EngineError> {
-        let (docs, mut letters, completed) = tokio::task::block_in_place(|| self.apply_and_render(&batches))?;
+        let Prepared {
+            docs,
+            mut letters,
+            completed,
+            tag,
+        } = tokio::task::block_in_place(|| self.apply_and_render(&batches))?;
         // The projections' first writes go out together (each sink works on its own; one
         // Redis connection pipelines them); a failed one is retried alone below.
         let work: Vec<usize> = (0..docs.len()).filter(|pi| !docs[*pi].is_empty()).collect();
@@ -336,8 +346,16 @@ impl Engine {
         }
         tokio::task::block_in_place(|| -> Result<(), StoreError> {
             self.store.add_dead_letters(&letters)?;
-            self.store.set_checkpoints(&checkpoints)
+            self.store.set_checkpoints(&checkpoints, tag)
         })?;
+        // A re-read finished (the projections waiting for it are re-written whole), or a
+        // sink lost the documents of more projections than the one just re-written.
+        let reloaded = batches
+            .iter()
+            .any(|b| matches!(b.snapshot, Some(SnapshotMark::ReloadDone { .. })));
+        if (reloaded || std::mem::take(&mut self.resync_due)) && !self.resync_marked(shutdown).await? {
+            return Ok(false);
+        }
         self.stats.dead_letters += letters.len() as u64;
         metrics::counter!("viewkeeper_dead_letters_total").increment(letters.len() as u64);
         metrics::counter!("viewkeeper_batches_total").increment(1);
@@ -357,6 +375,7 @@ impl Engine {
                 .changes
                 .iter()
                 .map(|c| c.commit_time_ms)
+                .filter(|t| *t > 0) // 0: a snapshot read, no commit time
                 .max()
                 .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
             lags.insert(&b.source, lag);
@@ -484,9 +503,8 @@ impl Engine {
             };
             metrics::counter!("viewkeeper_sink_retries_total", "sink" => self.projections[pi].spec.sink.clone())
                 .increment(1);
-            if e.index_missing {
-                warn!(projection = %self.projections[pi].name, error = %e, "index is gone; recreating it and re-writing every document from the state store");
-                if !self.resync_projection(pi, shutdown).await? {
+            if let Some(lost) = e.lost {
+                if !self.recover(pi, lost, &e.to_string(), shutdown).await? {
                     return Ok(None);
                 }
                 continue;
@@ -502,10 +520,121 @@ impl Engine {
     }
 
     /// Makes sure the projection's index exists and re-writes every document of the
-    /// projection from the state store (after the search server lost its data, or when
-    /// the index was created anew over a non-empty state store). `false`: shutdown.
+    /// projection from the state store (after the sink lost its data, when the index was
+    /// created anew over a non-empty state store, or after a config change). The need is
+    /// marked in the store first and cleared after, so an interrupted re-write is done
+    /// again on the next start. `false`: shutdown.
     pub async fn resync_projection(&mut self, pi: usize, shutdown: &CancellationToken) -> Result<bool, EngineError> {
-        self.render_all(pi, None, shutdown).await
+        let name = self.projections[pi].name.clone();
+        tokio::task::block_in_place(|| self.store.mark_resync(&name, "re-write in progress"))?;
+        if !self.render_all(pi, None, shutdown).await? {
+            return Ok(false);
+        }
+        tokio::task::block_in_place(|| self.store.clear_resync(&name))?;
+        self.remember_identity(&self.projections[pi].spec.sink.clone())?;
+        Ok(true)
+    }
+
+    /// A sink lost what it had acknowledged: re-writes the projection, or every projection
+    /// on the sink. `false`: shutdown.
+    async fn recover(
+        &mut self,
+        pi: usize,
+        lost: Lost,
+        why: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, EngineError> {
+        let sink = self.projections[pi].spec.sink.clone();
+        let affected: Vec<usize> = match lost {
+            Lost::Projection => vec![pi],
+            Lost::Sink => (0..self.projections.len())
+                .filter(|i| self.projections[*i].spec.sink == sink)
+                .collect(),
+        };
+        for &i in &affected {
+            let name = self.projections[i].name.clone();
+            warn!(projection = %name, %sink, reason = %why, "the sink lost documents; re-writing every document of the projection from the state store");
+            tokio::task::block_in_place(|| self.store.mark_resync(&name, why))?;
+        }
+        for i in affected {
+            if !self.resync_projection(i, shutdown).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Once no projection on `sink` waits for a re-write, stores what the sink's storage
+    /// is now (Redis: its `run_id`): the next start compares it.
+    fn remember_identity(&mut self, sink: &str) -> Result<(), EngineError> {
+        let Some(id) = self.sinks.get(sink).and_then(|s| s.identity()) else {
+            return Ok(());
+        };
+        let marks = tokio::task::block_in_place(|| self.store.resyncs())?;
+        let waiting = self
+            .projections
+            .iter()
+            .any(|p| p.spec.sink == sink && marks.contains_key(&p.name));
+        if !waiting {
+            tokio::task::block_in_place(|| self.store.set_sink_identity(sink, &id))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the documents that batches applied before a crash or a stop did not finish
+    /// writing (their changes replay as no-ops, which would not name every document: a
+    /// child moved from one parent to another names only the new one). `false`: shutdown.
+    async fn write_pending(&mut self, shutdown: &CancellationToken) -> Result<bool, EngineError> {
+        let pending = tokio::task::block_in_place(|| self.store.pending())?;
+        if pending.roots.is_empty() {
+            return Ok(true);
+        }
+        for (name, keys) in &pending.roots {
+            let Some(pi) = self.projections.iter().position(|p| &p.name == name) else {
+                continue; // no longer configured
+            };
+            info!(projection = %name, documents = keys.len(), "writing the documents a previous run did not finish");
+            let Some(letters) = self.rewrite(pi, keys, shutdown).await? else {
+                return Ok(false);
+            };
+            tokio::task::block_in_place(|| self.store.add_dead_letters(&letters))?;
+        }
+        tokio::task::block_in_place(|| self.store.clear_pending(pending.through))?;
+        Ok(true)
+    }
+
+    /// Re-writes the projections marked in the store (see [`Engine::resync_projection`])
+    /// whose sources have no re-read in progress (those are re-written when it ends).
+    /// Marks of projections no longer configured are dropped. `false`: shutdown.
+    async fn resync_marked(&mut self, shutdown: &CancellationToken) -> Result<bool, EngineError> {
+        let marks = tokio::task::block_in_place(|| self.store.resyncs())?;
+        for (name, why) in marks {
+            let Some(pi) = self.projections.iter().position(|p| p.name == name) else {
+                tokio::task::block_in_place(|| self.store.clear_resync(&name))?;
+                continue;
+            };
+            let sources: BTreeSet<String> = self
+                .store
+                .catalog()
+                .tables
+                .iter()
+                .filter(|(t, _)| self.projections[pi].uses_table(t))
+                .map(|(_, t)| t.source.clone())
+                .collect();
+            let mut waiting = false;
+            for s in &sources {
+                waiting |= tokio::task::block_in_place(|| self.store.reloads_pending(Some(s)))?;
+            }
+            if waiting {
+                info!(projection = %name, reason = %why, "re-writing every document once the re-read of its tables ends");
+                continue;
+            }
+            info!(projection = %name, reason = %why, "re-writing every document");
+            if !self.resync_projection(pi, shutdown).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Renders every document of projection `pi` from the state store and writes it
@@ -627,7 +756,16 @@ impl Engine {
                     self.stats.documents += docs.len() as u64;
                     return Ok(Settled::Done);
                 }
-                Err(e) if e.index_missing => return Ok(Settled::IndexMissing),
+                Err(e) if e.lost.is_some() => {
+                    if e.lost == Some(Lost::Sink) {
+                        // The other projections on the sink lost theirs too: after this one.
+                        for p in self.projections.iter().filter(|p| p.spec.sink == proj.spec.sink) {
+                            tokio::task::block_in_place(|| self.store.mark_resync(&p.name, &e.to_string()))?;
+                        }
+                        self.resync_due = true;
+                    }
+                    return Ok(Settled::IndexMissing);
+                }
                 Err(e) => {
                     let delay = backoff.next().unwrap_or(self.retry_max);
                     warn!(projection = %proj.name, error = %e, "sink write failed during re-write; retrying");
@@ -667,11 +805,7 @@ impl Engine {
     /// dead letters found on the way (rendering failures), and the sources whose
     /// snapshot completed. Snapshot batches are applied without rendering: their
     /// documents are rendered whole once the snapshot is complete.
-    #[allow(clippy::type_complexity)]
-    fn apply_and_render(
-        &mut self,
-        batches: &[SourceBatch],
-    ) -> Result<(Vec<Vec<SinkDoc>>, Vec<DeadLetter>, Vec<String>), EngineError> {
+    fn apply_and_render(&mut self, batches: &[SourceBatch]) -> Result<Prepared, EngineError> {
         let tx = self.store.begin()?;
         let mut affected: Vec<BTreeSet<Key>> = vec![BTreeSet::new(); self.projections.len()];
         let mut letters = Vec::new();
@@ -738,6 +872,14 @@ impl Engine {
         self.stats.dead_letters += source_letters.len() as u64;
         let total: u64 = affected.iter().map(|s| s.len() as u64).sum();
         let mut version = if total > 0 { tx.next_versions(total)? } else { 0 };
+        // The documents to write are durable with the state they render: a replay of
+        // these changes after a crash is a no-op and would not name them all again.
+        let tag = (total > 0).then_some(version);
+        for (pi, p) in self.projections.iter().enumerate() {
+            if !affected[pi].is_empty() {
+                tx.add_pending(&p.name, affected[pi].iter(), version)?;
+            }
+        }
         let mut out = Vec::with_capacity(self.projections.len());
         // Every change is applied: the store holds still while the documents render.
         let memo = MemoLookup::new(&tx, MEMO_ROWS);
@@ -747,8 +889,23 @@ impl Engine {
         }
         drop(memo);
         tx.commit()?;
-        Ok((out, letters, completed))
+        Ok(Prepared {
+            docs: out,
+            letters,
+            completed,
+            tag,
+        })
     }
+}
+
+/// A batch applied and rendered: documents per projection index, dead letters found on
+/// the way (rendering failures), the sources whose snapshot completed, and the tag of
+/// its pending documents (cleared with its checkpoint).
+struct Prepared {
+    docs: Vec<Vec<SinkDoc>>,
+    letters: Vec<DeadLetter>,
+    completed: Vec<String>,
+    tag: Option<u64>,
 }
 
 /// One write of a projection's documents through its alias (and into a rebuild's new

@@ -31,6 +31,7 @@ fn upsert(table: &str, key: serde_json::Value, cells: serde_json::Value, pos: u6
         },
         position: Position::new(pos, 0),
         commit_time_ms: 0,
+        origin: None,
     }
 }
 

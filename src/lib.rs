@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod engine;
+pub mod failpoint;
 pub mod http;
 pub mod logging;
 pub mod store;

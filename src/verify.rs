@@ -127,26 +127,6 @@ fn member_of(key: &Key) -> String {
         .join(":")
 }
 
-/// The SCAN pattern of a key template: `ordering:product:{id}` → `ordering:product:*`.
-pub fn key_pattern(template: &str) -> String {
-    let mut s = String::new();
-    let mut depth = 0;
-    for ch in template.chars() {
-        match ch {
-            '{' => {
-                depth += 1;
-                if depth == 1 {
-                    s.push('*');
-                }
-            }
-            '}' => depth -= 1,
-            c if depth == 0 => s.push(c),
-            _ => {}
-        }
-    }
-    s
-}
-
 fn has_unresolved(v: &Value) -> bool {
     match v {
         Value::Object(m) => m.get("unresolved") == Some(&json!(true)) || m.values().any(has_unresolved),
@@ -212,7 +192,7 @@ async fn load_truth(
                                 kind: TombstoneKind::Decommissioned,
                                 at_ms: old
                                     .filter(|t| t.kind == TombstoneKind::Decommissioned)
-                                    .map_or(0, |t| t.at_ms),
+                                    .and_then(|t| t.at_ms),
                             }),
                             _ => None,
                         };
@@ -313,6 +293,7 @@ fn doc_diff(want: &Row, have: &Value) -> Option<String> {
 /// set is always checked whole: one SMEMBERS).
 async fn compare(
     p: &Projection,
+    others: &[&Projection],
     sink: &SinkRef,
     want: &BTreeMap<String, Expected>,
     only: Option<&BTreeSet<String>>,
@@ -345,9 +326,8 @@ async fn compare(
                 }
             }
             if only.is_none() {
-                let pattern = key_pattern(p.spec.key.as_deref().unwrap_or_default());
-                for k in r.scan(&pattern).await? {
-                    if !want.contains_key(&k) {
+                for k in r.scan(&p.id_pattern()).await? {
+                    if !want.contains_key(&k) && owns(p, others, &k) {
                         out.push(f(Kind::Extra, &k, "no row behind this entry".into()));
                     }
                 }
@@ -408,25 +388,34 @@ async fn compare(
     Ok(out)
 }
 
+/// Whether a key found by scanning `p`'s pattern is one of `p`'s entries: it has the shape
+/// of `p`'s ids, of no more specific template of another projection on the same sink
+/// (templates may overlap: `p:{id}:desc` is more specific than `p:{id}`; of two equally
+/// specific ones, neither owns it), and is no projection's active set.
+pub fn owns(p: &Projection, others: &[&Projection], key: &str) -> bool {
+    p.id_matches(key)
+        && p.spec.active_set.as_deref() != Some(key)
+        && !others.iter().any(|o| {
+            o.name != p.name
+                && (o.spec.active_set.as_deref() == Some(key)
+                    || (o.id_matches(key) && o.id_literal_len() >= p.id_literal_len()))
+        })
+}
+
 /// Re-writes what differs: stale and missing entries from the truth, extras removed.
+/// `first`: the first of the versions reserved for it, taken before `want` was read.
 async fn repair(
     p: &Projection,
     sink: &SinkRef,
     want: &BTreeMap<String, Expected>,
     findings: &[Finding],
-    store: &mut Store,
+    first: u64,
 ) -> anyhow::Result<usize> {
     let ids: BTreeSet<&String> = findings
         .iter()
         .filter(|f| f.projection == p.name && matches!(f.kind, Kind::Missing | Kind::Stale | Kind::Extra))
         .map(|f| &f.id)
         .collect();
-    let first = {
-        let tx = store.begin()?;
-        let v = tx.next_versions(ids.len() as u64 + 1)?;
-        tx.commit()?;
-        v
-    };
     let mut write = Vec::new();
     let mut extra = Vec::new();
     for (i, id) in ids.iter().enumerate() {
@@ -519,6 +508,10 @@ pub async fn verify(
             }
         })
     };
+    // Every projection of the config on the same sink (also those not verified now): keys
+    // of theirs are never another's extras.
+    let (all, _) = compile(cfg)?;
+    let on_sink = |p: &Projection| -> Vec<&Projection> { all.iter().filter(|o| o.spec.sink == p.spec.sink).collect() };
     let tables: BTreeSet<String> = catalog
         .tables
         .keys()
@@ -543,7 +536,7 @@ pub async fn verify(
         if let SinkRef::Search(s, alias) = &sink_of(p)? {
             s.refresh(alias).await?;
         }
-        findings.extend(compare(p, &sink_of(p)?, &want, None).await?);
+        findings.extend(compare(p, &on_sink(p), &sink_of(p)?, &want, None).await?);
         wants.push(want);
     }
     // Re-check what differs: a worker may have had it in flight.
@@ -570,7 +563,7 @@ pub async fn verify(
                 continue;
             }
             // A difference counts only if it is there in every round.
-            let rechecked = compare(p, &sink_of(p)?, &wants[pi], Some(&ids)).await?;
+            let rechecked = compare(p, &on_sink(p), &sink_of(p)?, &wants[pi], Some(&ids)).await?;
             again.extend(
                 rechecked
                     .into_iter()
@@ -585,15 +578,30 @@ pub async fn verify(
 
     let mut repaired = 0;
     if do_repair && findings.iter().any(Finding::fails) {
-        let mut w =
-            Store::open(data_dir, catalog.clone()).context("opening the state store for the repair's versions")?;
-        for (pi, p) in projections.iter().enumerate() {
-            repaired += repair(p, &sink_of(p)?, &wants[pi], &findings, &mut w).await?;
-        }
+        crate::failpoint::pause("verify-before-repair").await;
+        // Versions first, then the truth the repair writes: whatever the worker applies
+        // after this read is versioned above the repair and wins over it, and what it
+        // applied before is in this read. (Reading first and versioning after would let a
+        // repair write older content over a newer write of the worker's.)
+        let mut w = Store::open_beside(data_dir, catalog.clone())
+            .context("opening the state store for the repair's versions")?;
+        let per = findings.len() as u64 + 1;
+        let first = {
+            let tx = w.begin()?;
+            let v = tx.next_versions(per * projections.len() as u64)?;
+            tx.commit()?;
+            v
+        };
         drop(w);
+        let truth = truth_now().await?;
+        for (pi, p) in projections.iter().enumerate() {
+            wants[pi] = expected(p, &truth)?;
+            let base = first + per * pi as u64;
+            repaired += repair(p, &sink_of(p)?, &wants[pi], &findings, base).await?;
+        }
         let mut after = Vec::new();
         for (pi, p) in projections.iter().enumerate() {
-            after.extend(compare(p, &sink_of(p)?, &wants[pi], None).await?);
+            after.extend(compare(p, &on_sink(p), &sink_of(p)?, &wants[pi], None).await?);
         }
         after.sort();
         findings = after;
@@ -629,4 +637,18 @@ pub async fn verify(
         println!("{}", if failing == 0 { "clean" } else { "NOT clean" });
     }
     Ok(failing == 0)
+}
+
+/// Ids of up to `n` live documents of `p`, rendered from the state store (rows that
+/// cannot render are skipped): a sample to check that a sink still holds what it was sent.
+pub fn sample_ids(store: &Store, p: &Projection, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for k in store.live_keys(p.root_table(), n)? {
+        if let Ok(Some(r)) = p.render(&k, store) {
+            if r.body.is_some() && !r.tombstoned {
+                out.push(r.id);
+            }
+        }
+    }
+    Ok(out)
 }

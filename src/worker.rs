@@ -8,7 +8,8 @@
 
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::engine::{Engine, Sink};
-use crate::store::{Catalog, Store};
+use crate::store::shape::{fingerprint, Adoption};
+use crate::store::{Catalog, Store, WorkerLock};
 use anyhow::{bail, Context};
 use backon::BackoffBuilder;
 use std::collections::{BTreeMap, HashMap};
@@ -22,8 +23,10 @@ use viewkeeper_connectors::debezium::{ColumnType, TopicTable};
 use viewkeeper_connectors::elasticsearch::SearchSink;
 use viewkeeper_connectors::kafka::{KafkaSource, KafkaSourceSettings};
 use viewkeeper_connectors::postgres::decode::TableBinding;
+use viewkeeper_connectors::postgres::reload::Reload;
 use viewkeeper_connectors::postgres::source::{PgSource, PgSourceSettings};
 use viewkeeper_connectors::sink::SinkError;
+use viewkeeper_connectors::source::TableProgress;
 use viewkeeper_projections::model::{Key, Position};
 use viewkeeper_projections::render::Projection;
 
@@ -123,21 +126,24 @@ pub enum Mode {
 /// [`Mode::Backfill`], until the backfill is done).
 pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (projections, catalog) = compile(&cfg)?;
-    let store =
+    // One worker per data dir; only the worker changes the store's shape.
+    let _lock = WorkerLock::acquire(data_dir)?;
+    let mut store =
         Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
     info!(data_dir = %data_dir.display(), projections = projections.len(), "state store open");
+    adopt_config(&cfg, &mut store, &projections)?;
     let Some((sinks, created)) = connect_sinks(&cfg, &shutdown).await? else {
         return Ok(());
     };
     // A new index over a state store that already holds rows (the search server lost
     // its data while the worker was away): fill it before streaming on.
     let counts = store.row_counts()?;
-    let resync: Vec<usize> = projections
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| created.contains(&p.name) && counts.get(p.root_table()).is_some_and(|n| *n > 0))
-        .map(|(i, _)| i)
-        .collect();
+    for p in &projections {
+        if created.contains(&p.name) && counts.get(p.root_table()).is_some_and(|n| *n > 0) {
+            store.mark_resync(&p.name, "its index was created over a non-empty state store")?;
+        }
+    }
+    check_sinks_kept(&mut store, &projections, &sinks)?;
     // Readiness flags, and the HTTP listener for a long-running worker.
     // Every sink answered just now (connect_sinks waits for that): an idle worker is ready
     // before its first write.
@@ -229,10 +235,12 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
             }
         }
     }
+    if mode == Mode::Run {
+        spawn_reloads(&cfg, &store, &health, &tx, &shutdown, &mut sources)?;
+    }
     drop(tx);
     let engine = Engine {
         acks,
-        resync,
         defer_snapshot_render: mode == Mode::Backfill,
         health: Some(health),
         queue_permits: Some(permits),
@@ -283,6 +291,168 @@ pub async fn run(cfg: Config, data_dir: &Path, mode: Mode, shutdown: Cancellatio
     Ok(())
 }
 
+/// Makes the store fit the config it is about to run with (the worker holds the lock):
+/// tables whose needed columns grew are re-read from their sources (Postgres, while
+/// streaming; an initial snapshot in progress reads them again), and projections whose
+/// config changed, or that are new over rows already stored, are re-written whole; all
+/// recorded in one transaction, so a crash at any point resumes the same work.
+fn adopt_config(cfg: &Config, store: &mut Store, projections: &[Projection]) -> anyhow::Result<()> {
+    let fresh = store.row_counts()?.is_empty();
+    let growth = store.shape_growth()?;
+    let mut a = Adoption::default();
+    for (table, cols) in &growth {
+        let t = &cfg.tables[table];
+        let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+        match &cfg.sources[&t.source] {
+            SourceConfig::Postgres(pg) => {
+                if store.checkpoint(&t.source)?.is_some() {
+                    if pg.snapshot == crate::config::SnapshotMode::Never {
+                        warn!(%table, columns = ?cols, source = %t.source,
+                            "the state store does not keep these columns for rows stored before, and snapshot = \"never\" forbids reading them: they render as null until each row changes");
+                    } else {
+                        info!(%table, columns = ?cols, source = %t.source,
+                            "the config needs columns the state store does not keep: re-reading the table from its source while streaming");
+                        a.reloads.push((t.source.clone(), t.name.clone()));
+                    }
+                } else if store.snapshot_progress(&t.source)?.contains_key(&t.name) {
+                    info!(%table, columns = ?cols, source = %t.source,
+                        "the config needs columns the interrupted initial snapshot did not keep: reading the table again from its start");
+                    a.restart_snapshots.push((t.source.clone(), t.name.clone()));
+                }
+            }
+            SourceConfig::Debezium(_) => warn!(%table, columns = ?cols, source = %t.source,
+                "the state store does not keep these columns for rows stored before, and a Debezium topic cannot be re-read here: they render as null until each row changes, or until the connector snapshots the table again (an incremental snapshot through its signal table)"),
+        }
+    }
+    for p in projections {
+        let fp = fingerprint(&p.spec);
+        match store.fingerprint_of(&p.name)? {
+            Some(old) if old != fp => a.resyncs.push((p.name.clone(), "its config changed".into())),
+            None if !fresh => a
+                .resyncs
+                .push((p.name.clone(), "it is new, over rows already stored".into())),
+            _ => {}
+        }
+        a.fingerprints.insert(p.name.clone(), fp);
+    }
+    for (name, why) in &a.resyncs {
+        info!(projection = %name, reason = %why, "every document will be re-written");
+    }
+    store.adopt_shape(&a)?;
+    Ok(())
+}
+
+/// Whether each Redis sink still holds what was written to it: a server other than the
+/// one of the last run (its `run_id`), or none of a few stored rows' entries there (the
+/// keyspace emptied), marks the sink's projections for a re-write.
+fn check_sinks_kept(
+    store: &mut Store,
+    projections: &[Projection],
+    sinks: &BTreeMap<String, Arc<Sink>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Handle::current();
+    for (name, sink) in sinks {
+        let Sink::Redis(r) = &**sink else { continue };
+        let mine: Vec<&Projection> = projections.iter().filter(|p| &p.spec.sink == name).collect();
+        let mut why = None;
+        if let (Some(before), Some(now)) = (store.sink_identity(name)?, r.identity()) {
+            if before != now {
+                why = Some(format!(
+                    "the Redis server changed since the last run (run_id {before} -> {now}): it may have lost entries"
+                ));
+            }
+        }
+        for p in &mine {
+            if why.is_some() {
+                break;
+            }
+            let sample = crate::verify::sample_ids(store, p, 8)?;
+            if sample.is_empty() {
+                continue;
+            }
+            match tokio::task::block_in_place(|| rt.block_on(r.exists(&sample))) {
+                Ok(0) => {
+                    why = Some(format!(
+                        "none of {} stored entries of projection {} is in Redis: the keyspace was emptied",
+                        sample.len(),
+                        p.name
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(sink = %name, error = %e, "cannot check that Redis still holds the entries (EXISTS not permitted?)")
+                }
+            }
+        }
+        match why {
+            Some(why) => {
+                warn!(sink = %name, reason = %why, "re-writing every entry of the sink's projections");
+                for p in mine {
+                    store.mark_resync(&p.name, &why)?;
+                }
+            }
+            None => {
+                if let Some(id) = r.identity() {
+                    if !mine
+                        .iter()
+                        .any(|p| store.resyncs().is_ok_and(|m| m.contains_key(&p.name)))
+                    {
+                        store.set_sink_identity(name, &id)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the re-reads the store has pending, one task per Postgres source (it waits until
+/// the source streams, so the table is in the publication before it is read).
+fn spawn_reloads(
+    cfg: &Config,
+    store: &Store,
+    health: &crate::http::Health,
+    tx: &mpsc::Sender<viewkeeper_connectors::source::SourceBatch>,
+    shutdown: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<Result<(), viewkeeper_connectors::source::SourceError>>,
+) -> anyhow::Result<()> {
+    for (name, sc) in &cfg.sources {
+        let SourceConfig::Postgres(pg) = sc else { continue };
+        let progress = store.reload_progress(name)?;
+        let tables: Vec<(String, TableBinding, TableProgress)> = cfg
+            .tables
+            .iter()
+            .filter(|(_, t)| &t.source == name)
+            .filter_map(|(alias, t)| {
+                let p = progress.get(&t.name).filter(|p| !p.done)?;
+                Some((
+                    t.name.clone(),
+                    TableBinding {
+                        alias: alias.clone(),
+                        primary_key: t.primary_key.clone(),
+                    },
+                    p.clone(),
+                ))
+            })
+            .collect();
+        if tables.is_empty() {
+            continue;
+        }
+        let r = Reload {
+            source: name.clone(),
+            url: pg.url.expose().to_string(),
+            tables,
+            chunk_rows: pg.snapshot_chunk_rows,
+            retry_min: Duration::from_millis(cfg.engine.retry_min_ms),
+            retry_max: Duration::from_millis(cfg.engine.retry_max_ms),
+            streaming: health.sources[name].clone(),
+        };
+        let (tx, sd) = (tx.clone(), shutdown.clone());
+        tasks.spawn(async move { r.run(tx, sd).await });
+    }
+    Ok(())
+}
+
 /// An engine for one-off work beside (or without) a running worker: the state store
 /// opened for writing (SQLite serializes the processes), sinks connected, no sources.
 async fn standalone_engine(
@@ -292,8 +462,8 @@ async fn standalone_engine(
     catalog: Catalog,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Engine>> {
-    let store =
-        Store::open(data_dir, catalog).with_context(|| format!("opening the state store in {}", data_dir.display()))?;
+    let store = Store::open_beside(data_dir, catalog)
+        .with_context(|| format!("opening the state store in {}", data_dir.display()))?;
     let Some((sinks, _)) = connect_sinks(cfg, shutdown).await? else {
         return Ok(None);
     };

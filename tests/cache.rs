@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use redis::AsyncCommands;
+use std::path::Path;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
@@ -70,31 +71,11 @@ async fn truncate_turns_every_row_into_a_tombstone() {
 async fn toast_column_survives_an_update_that_does_not_send_it() {
     let shop = Shop::new("toast").await;
     // A third cache that carries the description, so the TOASTed column matters.
-    let cfg = shop.config(&format!(
-        r#"
-[projections.descriptions]
-root = "products"
-sink = "cache"
-key = "{}:desc:{{id}}"
-fields = ["description", "price"]
-"#,
-        shop.prefix
-    ));
+    let cfg = shop.config(&descriptions_projection(&shop));
     let _w = shop.worker(&cfg).await;
     let pg = shop.pg("catalog").await;
-    // 20 kB of incompressible text: random hex digits from md5 chains.
-    pg.batch_execute(
-        "INSERT INTO products(id, sku, name, price, description)
-         SELECT 1, 'T-1', 'Toasty', 5, string_agg(md5(random()::text), '') FROM generate_series(1, 625)",
-    )
-    .await
-    .unwrap();
-    let desc: String = pg
-        .query_one("SELECT description FROM products WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(desc.len(), 20_000);
+    let desc = insert_toasted_product(&pg, 1).await;
+    assert_eq!(desc.len(), 25_600);
     pg.batch_execute("UPDATE products SET price = 6.25 WHERE id = 1")
         .await
         .unwrap();
@@ -185,13 +166,24 @@ async fn sigkill_mid_stream_converges_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_that_cannot_render_is_dead_lettered_and_the_rest_flows() {
     let shop = Shop::new("deadletter").await;
-    // A cache keyed by a nullable column: a row with NULL there has no key.
+    // A cache keyed by both primary-key columns of a table whose key holds an array: such a
+    // row has no usable cache key (an id cannot hold an array), the others render.
+    shop.exec(
+        "catalog",
+        "CREATE TABLE labels (id bigint, tags text[], name text, PRIMARY KEY (id, tags))",
+    )
+    .await;
     let cfg = shop.config(&format!(
         r#"
-[projections.by_description]
-root = "products"
+[tables.labels]
+source = "catalog"
+name = "public.labels"
+primary_key = ["id", "tags"]
+
+[projections.by_tags]
+root = "labels"
 sink = "cache"
-key = "{}:bydesc:{{description}}"
+key = "{}:label:{{id}}:{{tags}}"
 fields = ["name"]
 "#,
         shop.prefix
@@ -199,23 +191,23 @@ fields = ["name"]
     let w = shop.worker(&cfg).await;
     let pg = shop.pg("catalog").await;
     pg.batch_execute(
-        "INSERT INTO products(id, sku, name, price, description) VALUES (1, 'a', 'no description', 1, NULL);
-         INSERT INTO products(id, sku, name, price, description) VALUES (2, 'b', 'described', 1, 'x')",
+        "INSERT INTO labels(id, tags, name) VALUES (1, '{a,b}', 'two tags');
+         INSERT INTO products(id, sku, name, price) VALUES (2, 'b', 'described', 1)",
     )
     .await
     .unwrap();
     converge(&shop, T).await;
-    let mut r = shop.redis().await;
-    let name: String = r.hget(shop.key("bydesc:x"), "name").await.unwrap();
-    assert_eq!(name, "described");
     let letters = wait_until("dead letter recorded", T, || async {
         let d = shop.dead_letters();
         (!d.is_empty()).then_some(d)
     })
     .await;
-    assert_eq!(letters[0].0, "products");
-    assert_eq!(letters[0].1, "[1]");
-    assert!(letters[0].2.contains("key column 'description' is null"), "{letters:?}");
+    assert_eq!(letters[0].0, "labels");
+    assert_eq!(letters[0].1, r#"[1,["a","b"]]"#);
+    assert!(
+        letters[0].2.contains(r#"key column 'tags' is ["a","b"]"#),
+        "{letters:?}"
+    );
     assert!(w.log_text().contains("cannot render"), "logged too");
     // The on-call view, beside the running worker.
     let cli = |args: &[&str]| {
@@ -236,12 +228,13 @@ fields = ["name"]
     };
     let list: serde_json::Value = serde_json::from_str(&cli(&["dlq", "list", "--json"])).unwrap();
     assert_eq!(list["total"], serde_json::json!(letters.len()));
-    assert_eq!(list["dead_letters"][0]["key"], serde_json::json!("[1]"));
+    assert_eq!(list["dead_letters"][0]["key"], serde_json::json!(r#"[1,["a","b"]]"#));
     let id = list["dead_letters"][0]["id"].as_i64().unwrap().to_string();
-    assert!(cli(&["dlq", "show", &id]).contains("key column 'description' is null"));
+    assert!(cli(&["dlq", "show", &id]).contains("key column 'tags' is"));
     let status: serde_json::Value = serde_json::from_str(&cli(&["status", "--json"])).unwrap();
     assert_eq!(status["dead_letters"], serde_json::json!(letters.len()));
-    assert_eq!(status["rows"]["products"], serde_json::json!(2));
+    assert_eq!(status["rows"]["products"], serde_json::json!(1));
+    assert_eq!(status["rows"]["labels"], serde_json::json!(1));
     assert_eq!(
         status["sources"]["catalog"]["slot_state"]["active"],
         serde_json::json!(true)
@@ -264,42 +257,91 @@ fields = ["name"]
         serde_json::json!(true),
         "{status}"
     );
-    // Two products read, one of them rendered (the other is a dead letter).
-    let entries = status["projections"]["by_description"]["documents"].as_u64();
-    assert_eq!(entries, Some(1), "{status}");
+    // The label was read, but it is a dead letter: no entry. The product's caches have one.
+    assert_eq!(
+        status["projections"]["by_tags"]["documents"].as_u64(),
+        Some(0),
+        "{status}"
+    );
+    assert_eq!(
+        status["projections"]["ordering_products"]["documents"].as_u64(),
+        Some(1),
+        "{status}"
+    );
     assert!(
-        status["projections"]["by_description"]["last_write_at"].is_string(),
+        status["projections"]["ordering_products"]["last_write_at"].is_string(),
         "{status}"
     );
 
     // Dropping needs --yes.
     assert!(cli(&["dlq", "drop", &id]).contains("add --yes"));
     assert_eq!(shop.dead_letters().len(), letters.len());
-    // A config fix (key by name), then replay: the letter goes through and is removed.
-    let fixed = shop.data_dir.path().join("fixed.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&fixed, text.replace("bydesc:{description}", "bydesc:{name}")).unwrap();
-    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["dlq", "replay", "--all", "--config"])
-        .arg(&fixed)
-        .arg("--data-dir")
-        .arg(shop.data_dir.path().join("data"))
-        .output()
-        .unwrap();
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
-    assert!(shop.dead_letters().is_empty(), "{:?}", shop.dead_letters());
-    let name: String = r.hget(shop.key("bydesc:no description"), "name").await.unwrap();
-    assert_eq!(name, "no description");
+    // Replayed without a fix, it still fails: kept, with its reason, and the exit says so.
+    let replay = shop.viewkeeper(&cfg, &["dlq", "replay", "--all"]);
+    assert!(!replay.status.success());
+    assert!(
+        String::from_utf8_lossy(&replay.stdout).contains("replayed 0, still failing 1"),
+        "{}",
+        String::from_utf8_lossy(&replay.stdout)
+    );
+    assert_eq!(shop.dead_letters().len(), letters.len());
     // Another one, dropped for good.
-    pg.batch_execute("INSERT INTO products(id, sku, name, price, description) VALUES (3, 'c', 'c', 1, NULL)")
+    pg.batch_execute("INSERT INTO labels(id, tags, name) VALUES (3, '{c}', 'c')")
         .await
         .unwrap();
     wait_until("second dead letter", T, || async {
         (!shop.dead_letters().is_empty()).then_some(())
     })
     .await;
-    assert!(cli(&["dlq", "drop", "--all", "--yes"]).contains("deleted 1"));
+    wait_until("second dead letter", T, || async {
+        (shop.dead_letters().len() == 2).then_some(())
+    })
+    .await;
+    assert!(cli(&["dlq", "drop", "--all", "--yes"]).contains("deleted 2"));
     assert!(shop.dead_letters().is_empty());
+}
+
+/// A value sent as "unchanged TOAST" for a row never seen whole (the source streams only
+/// new changes) cannot apply: a dead letter, until the row is written whole and the letter
+/// replayed, which re-renders what reads the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toast_value_never_seen_whole_is_dead_lettered_until_replayed() {
+    let shop = Shop::new("toastletter").await;
+    let pg = shop.pg("catalog").await;
+    insert_toasted_product(&pg, 1).await;
+    let cfg = shop.config(&descriptions_projection(&shop));
+    with_source_setting(&cfg, "snapshot = \"never\"");
+    let _w = shop.worker(&cfg).await;
+    pg.batch_execute("UPDATE products SET price = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    let letters = wait_until("dead letter recorded", T, || async {
+        let d = shop.dead_letters();
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert!(
+        letters[0].2.contains("unchanged TOAST column(s) [\"description\"]"),
+        "{letters:?}"
+    );
+    pg.batch_execute("UPDATE products SET description = description || '!' WHERE id = 1")
+        .await
+        .unwrap();
+    let full: String = pg
+        .query_one("SELECT description FROM products WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until("the whole row cached", T, || async {
+        let mut r = shop.redis().await;
+        let d: Option<String> = r.hget(shop.key("desc:1"), "description").await.unwrap();
+        (d.as_deref() == Some(full.as_str())).then_some(())
+    })
+    .await;
+    let replay = shop.viewkeeper(&cfg, &["dlq", "replay", "--all"]);
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 1, still failing 0"));
+    assert!(shop.dead_letters().is_empty(), "{:?}", shop.dead_letters());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,23 +384,25 @@ fn bad_config_names_the_key_path_and_fails() {
         );
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = check_config(&path);
+    assert!(!ok);
     assert!(
         err.contains("projections.ordering_products.sink: unknown sink 'cahce' (declared: cache, search)"),
         "{err}"
     );
-    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["check-config", "--config"])
-        .arg(format!("{REPO}/config/shop.toml"))
-        .output()
-        .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let (ok, err) = check_config(Path::new(&format!("{REPO}/config/shop.toml")));
+    assert!(ok, "{err}");
+    // A key over a column that can change would leave the old entry behind, active.
+    let text = std::fs::read_to_string(format!("{REPO}/config/shop.toml"))
+        .unwrap()
+        .replace("key = \"ordering:product:{id}\"", "key = \"ordering:product:{sku}\"");
+    std::fs::write(&path, text).unwrap();
+    let (ok, err) = check_config(&path);
+    assert!(!ok);
+    assert!(
+        err.contains("projections.ordering_products.key: 'ordering:product:{sku}' uses column 'sku' not in the primary key of table products"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,6 +434,24 @@ async fn existing_rows_are_read_by_the_initial_snapshot_and_writes_during_it_are
     let _w = Worker::start(&shop.config(""), &shop.data_dir.path().join("data"));
     writer.await.unwrap();
     converge(&shop, Duration::from_secs(90)).await;
+    // Already decommissioned when the snapshot read it: since when is unknown, so there is
+    // no decommissioned_at (it was 1970-01-01, the snapshot's commit time 0); one
+    // decommissioned while streaming has its commit time.
+    let mut r = shop.redis().await;
+    let at: Option<String> = r
+        .hget(shop.key("ordering:product:3"), "decommissioned_at")
+        .await
+        .unwrap();
+    assert_eq!(at, None);
+    pg.batch_execute("UPDATE products SET status = 'decommissioned' WHERE id = 1")
+        .await
+        .unwrap();
+    converge(&shop, T).await;
+    let at: Option<String> = r
+        .hget(shop.key("ordering:product:1"), "decommissioned_at")
+        .await
+        .unwrap();
+    assert!(at.as_deref().is_some_and(|t| t.starts_with("20")), "{at:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

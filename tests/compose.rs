@@ -201,5 +201,8 @@ fn nothing_in_the_repository_reads_from_beside_it() {
             offenders.push(f.clone());
         }
     }
-    assert!(offenders.is_empty(), "files reading from beside the repository: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "files reading from beside the repository: {offenders:?}"
+    );
 }

@@ -614,3 +614,97 @@ async fn a_steady_trickle_is_applied_while_it_lasts() {
     );
     converge(&shop, T).await;
 }
+
+/// Ordering against snapshots and TRUNCATEs, with crafted records: a re-created
+/// connector's snapshot (op `r`, newer LSN) repairs rows its predecessor's events left
+/// stale; a transaction in flight when that snapshot was taken (lower LSN, streamed after
+/// the reads) still wins over them; and a TRUNCATE overtaken by an older insert from
+/// another partition still removed that row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_truncates_order_by_lsn_across_partitions() {
+    let shop = Shop::new("dbzorder").await;
+    let mut dbz = Debezium::new(&shop).await;
+    let cfg = shop.config_from("shop-debezium.toml", "");
+    let _w = Worker::start(&cfg, &shop.data_dir.path().join("data"));
+    dbz.dml(
+        &shop,
+        &PRODUCTS,
+        "INSERT INTO products(id, sku, name, price) SELECT g, 's' || g, 'p' || g, 1 FROM generate_series(1, 6) g",
+        &[],
+    )
+    .await;
+    converge(&shop, T).await;
+
+    // Events the old connector never sent; the new connector's snapshot has them.
+    shop.exec(
+        "catalog",
+        "UPDATE products SET name = 'as the snapshot read it' WHERE id <= 3",
+    )
+    .await;
+    dbz.snapshot(&shop, &PRODUCTS).await;
+    converge(&shop, T).await;
+
+    // In flight while the snapshot was taken: written below the snapshot's LSN.
+    let read_at = dbz.lsn["catalog"].0;
+    let rows = returning(&shop, &PRODUCTS, "UPDATE products SET name = 'in flight' WHERE id = 4").await;
+    let value = dbz.envelope(
+        &PRODUCTS,
+        "u",
+        Value::Null,
+        Debezium::encode_row(&PRODUCTS, &rows[0]),
+        (Some(read_at - 64), read_at - 16),
+    );
+    let topic = dbz.topic(&PRODUCTS);
+    dbz.send(&topic, &dbz.key_of(&PRODUCTS, &rows[0]), Some(&value)).await;
+    converge(&shop, T).await;
+
+    // An insert before the TRUNCATE (LSN L), held back in partition 1, while the TRUNCATE
+    // (LSN L + 64) goes through partition 0 first.
+    let l = read_at + 0x1000;
+    let row7 = returning(
+        &shop,
+        &PRODUCTS,
+        "INSERT INTO products(id, sku, name, price) VALUES (7, 's7', 'before the truncate', 1)",
+    )
+    .await;
+    let insert = dbz.envelope(
+        &PRODUCTS,
+        "c",
+        Value::Null,
+        Debezium::encode_row(&PRODUCTS, &row7[0]),
+        (Some(l - 8), l),
+    );
+    shop.exec("catalog", "TRUNCATE products").await;
+    let truncate = dbz.envelope(&PRODUCTS, "t", Value::Null, Value::Null, (Some(l), l + 64));
+    let send_to = |partition: i32, key: Option<String>, value: String| {
+        let producer = dbz.producer.clone();
+        let topic = topic.clone();
+        async move {
+            let mut rec = FutureRecord::<str, str>::to(&topic)
+                .partition(partition)
+                .payload(&value);
+            if let Some(k) = &key {
+                rec = rec.key(k);
+            }
+            producer.send(rec, Duration::from_secs(30)).await.unwrap();
+        }
+    };
+    send_to(0, None, truncate).await;
+    converge(&shop, T).await; // every known product is a tombstone now
+    send_to(1, Some(dbz.key_of(&PRODUCTS, &row7[0])), insert).await;
+    let mut r = shop.redis().await;
+    let status: String = wait_until("the late insert applied", T, || async {
+        let mut r = shop.redis().await;
+        let s: Option<String> = redis::AsyncCommands::hget(&mut r, shop.key("ordering:product:7"), "status")
+            .await
+            .unwrap();
+        s
+    })
+    .await;
+    assert_eq!(status, "decommissioned", "removed by the TRUNCATE it reached us after");
+    let active: bool = redis::AsyncCommands::sismember(&mut r, shop.key("storefront:products:active"), "7")
+        .await
+        .unwrap();
+    assert!(!active);
+    converge(&shop, T).await;
+}

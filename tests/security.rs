@@ -160,6 +160,8 @@ async fn acl_user(shop: &Shop, user: &str, password: &str) {
                 "+srem",
                 "+evalsha",
                 "+script|load",
+                "+info",
+                "+exists",
             ][..],
         )
         .query_async(&mut r)

@@ -121,3 +121,112 @@ async fn verify_finds_tampering_and_repair_fixes_it() {
         .await;
     converge(&shop, T).await;
 }
+
+/// `verify --repair` beside live writes: a change the worker writes after verify read the
+/// truth (held between its findings and its repair) must win over the repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_never_wins_over_a_change_written_after_it_read_the_truth() {
+    let shop = Shop::new("repairrace").await;
+    let cfg = shop.config("");
+    let _w = shop.worker(&cfg).await;
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price) SELECT g, 'S' || g, 'P' || g, g FROM generate_series(1, 5) g",
+    )
+    .await;
+    converge(&shop, T).await;
+    let mut r = shop.redis().await;
+    let _: () = r.hset(shop.key("ordering:product:5"), "price", "0.01").await.unwrap();
+
+    let pause = tempfile::tempdir().unwrap();
+    let held = pause.path().join("verify-before-repair.paused");
+    let repair = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["verify", "--repair", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(shop.data_dir.path().join("data"))
+        .env("VIEWKEEPER_PAUSE_DIR", pause.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("verify holds before its repair", T, || async {
+        held.exists().then_some(())
+    })
+    .await;
+    // The tampered entry is found; meanwhile the product changes and the worker writes it.
+    shop.exec("catalog", "UPDATE products SET price = 77.70 WHERE id = 5")
+        .await;
+    wait_until("the worker wrote the change", T, || async {
+        let p: Option<String> = shop
+            .redis()
+            .await
+            .hget(shop.key("ordering:product:5"), "price")
+            .await
+            .unwrap();
+        (p.as_deref() == Some("77.70")).then_some(())
+    })
+    .await;
+    std::fs::remove_file(&held).unwrap();
+    let out = repair.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let p: Option<String> = r.hget(shop.key("ordering:product:5"), "price").await.unwrap();
+    assert_eq!(
+        p.as_deref(),
+        Some("77.70"),
+        "the repair did not write the old price over it"
+    );
+    cache_matches_truth(&shop).await.unwrap();
+}
+
+/// Cache key templates may overlap (`p:{id}` and `p:{id}:desc`): one projection's entries
+/// are never another's extras, so verify is clean and `--repair` deletes none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_key_templates_are_not_each_others_extras() {
+    let shop = Shop::new("overlap").await;
+    let cfg = shop.config(&format!(
+        r#"
+[projections.descriptions]
+root = "products"
+sink = "cache"
+key = "{}:ordering:product:{{id}}:desc"
+fields = ["description"]
+"#,
+        shop.prefix
+    ));
+    let _w = shop.worker(&cfg).await;
+    shop.exec(
+        "catalog",
+        "INSERT INTO products(id, sku, name, price, description) SELECT g, 'S' || g, 'P' || g, g, 'd' || g FROM generate_series(1, 5) g",
+    )
+    .await;
+    converge(&shop, T).await;
+    wait_until("descriptions cached", T, || async {
+        let n: i64 = shop
+            .redis()
+            .await
+            .exists(shop.key("ordering:product:5:desc"))
+            .await
+            .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    let mut r = shop.redis().await;
+    let out = verify(&shop, &cfg, &[]);
+    assert!(out.status.success(), "clean: {}", text(&out));
+    let out = verify(&shop, &cfg, &["--repair"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for id in 1..=5 {
+        let d: Option<String> = r
+            .hget(shop.key(&format!("ordering:product:{id}:desc")), "description")
+            .await
+            .unwrap();
+        assert_eq!(d, Some(format!("d{id}")), "kept");
+    }
+    let status: Value = serde_json::from_slice(&shop.viewkeeper(&cfg, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(
+        status["projections"]["ordering_products"]["documents"],
+        json!(5),
+        "{status}"
+    );
+    assert_eq!(status["projections"]["descriptions"]["documents"], json!(5), "{status}");
+}

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use viewkeeper_projections::model::Position;
+use viewkeeper_projections::model::{Origin, Position};
 
 /// What the source needs from the config.
 #[derive(Clone, Debug)]
@@ -384,7 +384,13 @@ impl KafkaSource {
             return; // not subscribed to; cannot happen
         };
         match debezium::decode(topic, m.key(), m.payload(), table) {
-            Ok(Decoded::Change(c)) => flow.batch.changes.push(c),
+            Ok(Decoded::Change(mut c)) => {
+                c.origin = Some(Origin {
+                    stream: format!("{topic}[{partition}]"),
+                    offset: offset.max(0) as u64,
+                });
+                flow.batch.changes.push(c)
+            }
             Ok(Decoded::Skip(why)) => {
                 debug!(source = %self.s.name, topic, partition, offset, "skipped: {}", why.as_str())
             }

@@ -34,15 +34,25 @@ pub struct Rejection {
     pub reason: String,
 }
 
+/// What a sink lost, when a write finds out that it lost documents it had acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lost {
+    /// The projection's documents (the index behind its alias is gone): the engine
+    /// recreates the index and re-writes every document of the projection.
+    Projection,
+    /// Everything on the sink (Redis restarted empty or from an old file, a failover to
+    /// a replica that missed writes): every projection on it is re-written.
+    Sink,
+}
+
 /// A failure of a whole write: retried by the engine.
 #[derive(Debug, thiserror::Error)]
 #[error("sink {sink}: {message}")]
 pub struct SinkError {
     pub sink: String,
     pub message: String,
-    /// The index behind the alias is gone (e.g. the search server lost its data): the
-    /// engine recreates it and re-writes every document of the projection.
-    pub index_missing: bool,
+    /// Set when the sink lost data: the engine re-writes what it lost before retrying.
+    pub lost: Option<Lost>,
 }
 
 impl SinkError {
@@ -50,7 +60,14 @@ impl SinkError {
         SinkError {
             sink: sink.to_string(),
             message: message.into(),
-            index_missing: false,
+            lost: None,
+        }
+    }
+
+    pub fn lost(sink: &str, lost: Lost, message: impl Into<String>) -> Self {
+        SinkError {
+            lost: Some(lost),
+            ..SinkError::new(sink, message)
         }
     }
 }

@@ -42,6 +42,19 @@ pub enum SnapshotMark {
     /// Every table is read; the batch's checkpoint is where streaming goes on (the
     /// slot's consistent point, or the end of the last catch-up).
     Complete,
+    /// A re-read of `table` (whose needed columns grew after the initial load) up to
+    /// `last_key`: rows at the lowest position, so they only fill in columns the stored
+    /// rows lack (and add rows the store never had); not a checkpoint.
+    ReloadChunk { table: String, last_key: Vec<String> },
+    /// The re-read of `table` is complete.
+    ReloadDone { table: String },
+}
+
+impl SnapshotMark {
+    /// Batches of a re-read (not of the initial snapshot).
+    pub fn is_reload(&self) -> bool {
+        matches!(self, SnapshotMark::ReloadChunk { .. } | SnapshotMark::ReloadDone { .. })
+    }
 }
 
 /// Where a source's interrupted snapshot stands, per table.

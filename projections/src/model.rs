@@ -123,8 +123,22 @@ pub struct Change {
     pub op: Op,
     pub position: Position,
     /// Commit time of the transaction, ms since the Unix epoch: used for tombstone
-    /// timestamps, so that a replay produces the same documents.
+    /// timestamps, so that a replay produces the same documents. 0: unknown (a snapshot
+    /// read).
     pub commit_time_ms: i64,
+    /// Where in an ordered log the change was read (a Kafka partition and offset), when it
+    /// came from one: see [`Origin`].
+    pub origin: Option<Origin>,
+}
+
+/// A change's place in an ordered log: a Kafka partition (`topic[partition]`) and its
+/// offset. Within one partition, a streamed change read after a snapshot read of its row
+/// is newer than the read, whatever its position says (a transaction in flight while the
+/// snapshot was taken wrote the row before the snapshot's LSN and committed after it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub stream: String,
+    pub offset: u64,
 }
 
 /// Why a row is a tombstone.
@@ -140,8 +154,9 @@ pub enum TombstoneKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstone {
     pub kind: TombstoneKind,
-    /// When it happened: commit time, ms since the Unix epoch.
-    pub at_ms: i64,
+    /// When it happened: commit time, ms since the Unix epoch. `None` when unknown: a
+    /// snapshot that reads a row already decommissioned cannot know since when.
+    pub at_ms: Option<i64>,
 }
 
 /// A row as the state store keeps it: the last image, and a tombstone when deleted

@@ -159,6 +159,55 @@ impl Projection {
         &self.spec.root
     }
 
+    /// Whether `id` has the shape of this projection's document ids: its key template with
+    /// each placeholder standing for one or more characters. (`p:{id}` matches `p:5` and,
+    /// since ids may hold `:`, also `p:5:desc`: compare against the other projections'
+    /// templates before counting a key as this one's.)
+    pub fn id_matches(&self, id: &str) -> bool {
+        fn matches(parts: &[TemplatePart], s: &str) -> bool {
+            match parts.split_first() {
+                None => s.is_empty(),
+                Some((TemplatePart::Lit(l), rest)) => s.strip_prefix(l.as_str()).is_some_and(|s| matches(rest, s)),
+                Some((TemplatePart::Col(_), rest)) => {
+                    (1..=s.len()).any(|n| s.is_char_boundary(n) && matches(rest, &s[n..]))
+                }
+            }
+        }
+        matches(&self.key, id)
+    }
+
+    /// How many literal characters the key template has: of two templates an id matches,
+    /// the one with more is the more specific (`p:{id}:desc` over `p:{id}`).
+    pub fn id_literal_len(&self) -> usize {
+        self.key
+            .iter()
+            .map(|p| match p {
+                TemplatePart::Lit(l) => l.len(),
+                TemplatePart::Col(_) => 0,
+            })
+            .sum()
+    }
+
+    /// The `SCAN` pattern of the ids (`ordering:product:{id}` → `ordering:product:*`), with
+    /// Redis glob characters of literal parts escaped.
+    pub fn id_pattern(&self) -> String {
+        let mut out = String::new();
+        for part in &self.key {
+            match part {
+                TemplatePart::Lit(l) => {
+                    for ch in l.chars() {
+                        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                            out.push('\\');
+                        }
+                        out.push(ch);
+                    }
+                }
+                TemplatePart::Col(_) => out.push('*'),
+            }
+        }
+        out
+    }
+
     /// Whether a change to `table` can affect this projection's documents.
     pub fn uses_table(&self, table: &str) -> bool {
         self.nodes.iter().any(|n| n.table == table)
@@ -285,12 +334,18 @@ impl Projection {
         let table = &self.tables[&self.spec.root];
         let mut body = copy_fields(table, &row, &self.spec.fields, &self.spec.rename);
         if let Some(t) = &row.tombstone {
-            let at = Value::String(format_ms(t.at_ms));
+            // An unknown time (a row already decommissioned when the snapshot read it) is
+            // left out rather than made up.
+            let at = t.at_ms.map(|ms| Value::String(format_ms(ms)));
             if table.decommissioned.is_some() {
-                body.insert("decommissioned_at".into(), at);
+                if let Some(at) = at {
+                    body.insert("decommissioned_at".into(), at);
+                }
             } else {
                 body.insert("deleted".into(), Value::Bool(true));
-                body.insert("deleted_at".into(), at);
+                if let Some(at) = at {
+                    body.insert("deleted_at".into(), at);
+                }
             }
         }
         self.render_relations(&row, &self.spec.relations, &mut body, lookup)?;

@@ -117,7 +117,7 @@ fn tombstoned_product_keeps_snapshot_and_flag() {
     let mut m = shop();
     let t = Some(Tombstone {
         kind: TombstoneKind::Deleted,
-        at_ms: 1_000,
+        at_ms: Some(1_000),
     });
     m.put(
         "products",
@@ -167,7 +167,7 @@ fn deleted_items_leave_the_list_and_deleted_order_is_flagged() {
     let mut m = shop();
     let t = Some(Tombstone {
         kind: TombstoneKind::Deleted,
-        at_ms: 1_700_000_000_000,
+        at_ms: Some(1_700_000_000_000),
     });
     m.put(
         "order_items",
@@ -209,7 +209,7 @@ fn cache_entry_of_hard_deleted_product_shows_decommissioned() {
         row(json!({"id": 42, "sku": "W-X", "name": "Widget X", "status": "active", "price": "9.99"})),
         Some(Tombstone {
             kind: TombstoneKind::Deleted,
-            at_ms: 0,
+            at_ms: Some(0),
         }),
     );
     let gone = p.render(&key(json!([42])), &m).unwrap().unwrap();
@@ -221,6 +221,22 @@ fn cache_entry_of_hard_deleted_product_shows_decommissioned() {
     assert!(
         p.render(&key(json!([5])), &m).unwrap().is_none(),
         "unknown row renders nothing"
+    );
+    // Decommissioned when a snapshot first read it: since when is unknown, and left out.
+    m.put(
+        "products",
+        &["id"],
+        row(json!({"id": 43, "sku": "W-Y", "name": "Widget Y", "status": "decommissioned", "price": "1.00"})),
+        Some(Tombstone {
+            kind: TombstoneKind::Decommissioned,
+            at_ms: None,
+        }),
+    );
+    let old = p.render(&key(json!([43])), &m).unwrap().unwrap();
+    assert!(old.tombstoned);
+    assert_eq!(
+        Value::Object(old.body.unwrap()),
+        json!({"sku": "W-Y", "name": "Widget Y", "price": "1.00", "status": "decommissioned"})
     );
 }
 
@@ -277,7 +293,7 @@ fn deleted_customer_keeps_snapshot_and_shows_deleted() {
         row(json!({"id": 7, "name": "Ada", "email": "ada@example.com"})),
         Some(Tombstone {
             kind: TombstoneKind::Deleted,
-            at_ms: 5,
+            at_ms: Some(5),
         }),
     );
     let b = orders_view()
@@ -328,4 +344,25 @@ fn memo_lookup_renders_the_same_and_asks_the_store_once_per_row() {
     assert_eq!(orders_view().render(&key(json!([1001])), &small).unwrap(), plain);
     assert!(small.get("products", &key(json!([42]))).unwrap().is_some());
     assert!(counting.1.get() >= 5);
+}
+
+#[test]
+fn ids_match_their_template_and_its_scan_pattern() {
+    let p = cache("p:{id}", &["name"]);
+    assert!(p.id_matches("p:5"));
+    assert!(p.id_matches("p:5:desc"), "an id value may hold ':'");
+    assert!(!p.id_matches("p:"));
+    assert!(!p.id_matches("q:5"));
+    let desc = cache("p:{id}:desc", &["name"]);
+    assert!(desc.id_matches("p:5:desc"));
+    assert!(!desc.id_matches("p:5"));
+    assert_eq!(p.id_pattern(), "p:*");
+    assert_eq!(cache("a*[b]:{id}", &["name"]).id_pattern(), "a\\*\\[b\\]:*");
+    let items: ProjectionSpec = serde_json::from_value(json!({
+        "root": "order_items", "sink": "cache", "key": "i:{order_id}/{line_no}", "fields": ["qty"],
+    }))
+    .unwrap();
+    let items = Projection::new("items", &items, &tables()).unwrap();
+    assert!(items.id_matches("i:1/2"));
+    assert!(!items.id_matches("i:1/"));
 }

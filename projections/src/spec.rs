@@ -228,8 +228,50 @@ pub fn validate(
             continue;
         };
         if let Some(tpl) = &proj.key {
-            if let Err(m) = parse_template(tpl) {
-                err(format!("{p}.key"), m);
+            match parse_template(tpl) {
+                Err(m) => err(format!("{p}.key"), m),
+                Ok(parts) => {
+                    // An id over other columns is not the row's for good: after the column
+                    // changes, the entry under the old id could not be found (it would stay,
+                    // still active), and a deleted row's tombstone could take over the id of
+                    // a new row with the same value.
+                    let others: Vec<&str> = parts
+                        .iter()
+                        .filter_map(|part| match part {
+                            TemplatePart::Col(c) if !root.primary_key.contains(c) => Some(c.as_str()),
+                            _ => None,
+                        })
+                        .collect();
+                    let lacking: Vec<&str> = root
+                        .primary_key
+                        .iter()
+                        .filter(|c| !parts.contains(&TemplatePart::Col((*c).clone())))
+                        .map(String::as_str)
+                        .collect();
+                    if others.is_empty() && !lacking.is_empty() {
+                        err(
+                            format!("{p}.key"),
+                            format!(
+                                "'{tpl}' leaves out primary-key column(s) {} of table {}: two rows would share one entry; add them (e.g. \"{}\")",
+                                lacking.join(", "),
+                                proj.root,
+                                example_key(tpl, &root.primary_key)
+                            ),
+                        );
+                    }
+                    if !others.is_empty() {
+                        err(
+                            format!("{p}.key"),
+                            format!(
+                                "'{tpl}' uses {} not in the primary key of table {} ({}): an entry keyed by a column that can change would stay behind under its old key; build the key from primary-key columns only (e.g. \"{}\")",
+                                others.iter().map(|c| format!("column '{c}'")).collect::<Vec<_>>().join(", "),
+                                proj.root,
+                                root.primary_key.join(", "),
+                                example_key(tpl, &root.primary_key)
+                            ),
+                        );
+                    }
+                }
             }
         }
         if proj.active_set.is_some() != proj.active_when.is_some() {
@@ -274,6 +316,13 @@ fn check_relations(
             Some(t) => check_relations(&p, t, &r.relations, tables, err),
         }
     }
+}
+
+/// `tpl`'s literal prefix followed by the primary-key placeholders, for error messages.
+fn example_key(tpl: &str, pk: &[String]) -> String {
+    let prefix = tpl.split('{').next().unwrap_or_default();
+    let cols: Vec<String> = pk.iter().map(|c| format!("{{{c}}}")).collect();
+    format!("{prefix}{}", cols.join(":"))
 }
 
 /// A key template: literal text with `{column}` placeholders.
@@ -326,6 +375,23 @@ mod tests {
         }
     }
 
+    /// A cache projection of `root` with nothing but its key.
+    fn cache_spec(root: &str, key: Option<&str>) -> ProjectionSpec {
+        ProjectionSpec {
+            root: root.into(),
+            sink: "redis".into(),
+            key: key.map(str::to_string),
+            fields: vec![],
+            rename: BTreeMap::new(),
+            relations: vec![],
+            on_delete: OnDelete::Tombstone,
+            active_set: None,
+            active_when: None,
+            tombstone_ttl_s: None,
+            index: None,
+        }
+    }
+
     #[test]
     fn template_parses_and_rejects() {
         assert_eq!(
@@ -346,25 +412,39 @@ mod tests {
         let mut tables = BTreeMap::new();
         tables.insert("products".to_string(), table("catalog", "products"));
         let mut projections = BTreeMap::new();
-        projections.insert(
-            "cache".to_string(),
-            ProjectionSpec {
-                root: "product".into(),
-                sink: "redis".into(),
-                key: None,
-                fields: vec![],
-                rename: BTreeMap::new(),
-                relations: vec![],
-                on_delete: OnDelete::Tombstone,
-                active_set: None,
-                active_when: None,
-                tombstone_ttl_s: None,
-                index: None,
-            },
-        );
+        projections.insert("cache".to_string(), cache_spec("product", None));
         let errs = validate(&tables, &projections);
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, vec!["tables.products.name", "projections.cache.root"]);
         assert!(errs[1].message.contains("declared: products"), "{}", errs[1]);
+    }
+
+    #[test]
+    fn key_templates_use_only_primary_key_columns() {
+        let mut tables = BTreeMap::new();
+        tables.insert("products".to_string(), table("catalog", "public.products"));
+        let spec = |key: &str| cache_spec("products", Some(key));
+        let check = |key: &str| validate(&tables, &BTreeMap::from([("cache".to_string(), spec(key))]));
+        assert!(check("p:{id}").is_empty());
+        let mut keyed = tables.clone();
+        keyed.get_mut("products").unwrap().primary_key = vec!["id".into(), "day".into()];
+        let two = |key: &str| validate(&keyed, &BTreeMap::from([("cache".to_string(), spec(key))]));
+        assert!(two("p:{id}:{day}").is_empty());
+        let errs = two("p:{id}");
+        assert!(
+            errs.len() == 1 && errs[0].message.contains("leaves out primary-key column(s) day"),
+            "{errs:?}"
+        );
+        let errs = check("p:{sku}");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "projections.cache.key");
+        assert!(
+            errs[0]
+                .message
+                .contains("column 'sku' not in the primary key of table products (id)")
+                && errs[0].message.contains("\"p:{id}\""),
+            "{}",
+            errs[0]
+        );
     }
 }

@@ -70,6 +70,46 @@ pub fn servers() -> &'static Servers {
     })
 }
 
+/// A third cache over the products that carries their description (TOASTed when long),
+/// as TOML to append to the shop's config.
+pub fn descriptions_projection(shop: &Shop) -> String {
+    format!(
+        r#"
+[projections.descriptions]
+root = "products"
+sink = "cache"
+key = "{}:desc:{{id}}"
+fields = ["description", "price"]
+"#,
+        shop.prefix
+    )
+}
+
+/// Inserts product `id` with a 25 kB incompressible description (hex digits of md5
+/// chains), so Postgres stores it out of line (TOAST); returns the description.
+pub async fn insert_toasted_product(pg: &tokio_postgres::Client, id: i64) -> String {
+    pg.batch_execute(&format!(
+        "INSERT INTO products(id, sku, name, price, description)
+         SELECT {id}, 'T-{id}', 'Toasty', 5, string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 800) g"
+    ))
+    .await
+    .unwrap();
+    pg.query_one("SELECT description FROM products WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `viewkeeper check-config --config FILE`: success, and stderr.
+pub fn check_config(file: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["check-config", "--config"])
+        .arg(file)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Adds `setting` (`key = value`) to every Postgres source of the config file.
 pub fn with_source_setting(cfg: &Path, setting: &str) {
     let text = std::fs::read_to_string(cfg)
@@ -163,6 +203,9 @@ fn drop_indexes(search: &str, prefix: &str) {
 pub struct Shop {
     pub prefix: String,
     pub data_dir: tempfile::TempDir,
+    /// The Redis the config's cache sink and [`Shop::redis`] use instead of the shared one
+    /// (a [`PrivateRedis`] the test may restart).
+    pub redis_url: Option<String>,
 }
 
 impl Shop {
@@ -173,6 +216,7 @@ impl Shop {
         Shop {
             prefix,
             data_dir: tempfile::tempdir().unwrap(),
+            redis_url: None,
         }
     }
 
@@ -212,7 +256,10 @@ impl Shop {
                 )
                 .replace(&format!("\"viewkeeper_{svc}\""), &format!("\"{}_{svc}\"", self.prefix));
         }
-        text = text.replace("redis://127.0.0.1:63799", &servers().redis);
+        text = text.replace(
+            "redis://127.0.0.1:63799",
+            self.redis_url.as_ref().unwrap_or(&servers().redis),
+        );
         text = text.replace("http://127.0.0.1:19200", &servers().search);
         text = text.replace("alias = \"orders_view\"", &format!("alias = \"{}\"", self.alias()));
         for k in ["ordering:product:", "storefront:product:", "storefront:products:active"] {
@@ -243,7 +290,7 @@ impl Shop {
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(servers().redis.as_str())
+        redis::Client::open(self.redis_url.as_ref().unwrap_or(&servers().redis).as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -467,8 +514,11 @@ pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
             if h.remove("_version").is_none() {
                 return Err(format!("{key}: missing or without _version: {h:?}"));
             }
+            // A decommissioned row has the time it happened, or none when the initial
+            // snapshot read it already decommissioned (since when cannot be known); never
+            // a made-up time.
             let at = h.remove("decommissioned_at");
-            if at.is_some() != (status == "decommissioned") {
+            if (at.is_some() && status != "decommissioned") || at.as_deref().is_some_and(|t| t.starts_with("1970")) {
                 return Err(format!("{key}: decommissioned_at {at:?} with status {status}"));
             }
             let want: BTreeMap<String, String> = fields.into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
@@ -480,7 +530,14 @@ pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
     let pattern = shop.key("ordering:product:*");
     let keys: Vec<String> = r.keys(&pattern).await.map_err(|e| e.to_string())?;
     for k in keys {
-        let id: i64 = k.rsplit(':').next().unwrap().parse().unwrap();
+        // Other projections' keys may share the prefix (`…:product:5:desc`).
+        let Ok(id) = k
+            .strip_prefix(&shop.key("ordering:product:"))
+            .unwrap_or("")
+            .parse::<i64>()
+        else {
+            continue;
+        };
         if truth_ids.contains(&id) {
             continue;
         }
@@ -518,5 +575,74 @@ pub async fn converge(shop: &Shop, timeout: Duration) {
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// A redis-server of the test's own on a free port, without persistence (a restart loses
+/// everything, as after a crash of a Redis run with `--appendonly no --save ''`), so a test
+/// can stop and restart it without disturbing the shared one. Killed on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = PrivateRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.up().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--appendonly", "no", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/services.sh installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until("private redis answers", Duration::from_secs(20), || async {
+            let c = redis::Client::open(url.as_str()).ok()?;
+            let mut conn = c.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+        })
+        .await;
+    }
+
+    /// SIGKILL: what it held is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Killed and started again on the same port: empty, with a new run_id.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.up().await;
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -25,14 +25,17 @@
 //!   no `op` and no source position, so viewkeeper cannot order or delete by them.
 //!
 //! Positions ([`Position`]):
-//! * Postgres (`source.lsn` present): `(major, minor) = (sequence[0], source.lsn)`, where
-//!   `source.sequence` is the JSON text `["<lastCommitLsn>", "<lsn>"]`: the LSN of the
-//!   last commit Debezium processed before this event, then the event's own LSN. Events
-//!   stream in commit order, `lastCommitLsn` grows from one transaction to the next and
-//!   the LSN grows within one, so the pair grows in commit order even when transactions
-//!   interleave in the WAL (the bare LSN would not). A missing or null `sequence[0]` (older
-//!   connectors, snapshots, the first transaction after a start) counts as 0, which puts
-//!   snapshot reads before streamed changes. Both numbers come from the record, so a
+//! * Postgres (`source.lsn` present): `(source.lsn, 1)` for a streamed change, and
+//!   `(source.lsn, 0)` for a snapshot read (`op = r`, whose `lsn` is where the snapshot
+//!   was taken). Positions are only ever compared for one row (and a TRUNCATE against the
+//!   rows of its table), and for one row the change LSN grows in commit order: a second
+//!   transaction can write a row only after the first one that wrote it committed (row
+//!   locks; a TRUNCATE waits for every writer of its table and makes later ones wait). So
+//!   a snapshot read orders against streamed changes by where it was taken: a re-created
+//!   connector's snapshot wins over the older streamed images, and a change streamed after
+//!   the snapshot point wins over the read. `source.sequence` is not needed for that (its
+//!   `lastCommitLsn` is not comparable with a snapshot's LSN, and is null in snapshots and
+//!   in the first transaction after a start). Both numbers come from the record, so a
 //!   replayed record has the same position.
 //! * MySQL (`source.file` and `source.pos`): `(binlog file number, pos << 16 | row)`.
 //! * Anything else: `(commit_time_ms, 0)`. Such positions order only coarsely; they exist
@@ -380,8 +383,10 @@ impl Ctx<'_> {
         if !matches!(op, "c" | "r" | "u" | "d" | "t") {
             return Err(self.err(format!("{at}.op"), ErrorKind::UnknownOp(cut(op))));
         }
-        let commit_time_ms = self.commit_time(ev, at)?;
-        let position = self.position(ev, at, commit_time_ms)?;
+        // A snapshot read (`r`) tells what the row is, not since when: no commit time, so a
+        // row read already decommissioned gets no made-up decommission time.
+        let commit_time_ms = if op == "r" { 0 } else { self.commit_time(ev, at)? };
+        let position = self.position(ev, at, commit_time_ms, op == "r")?;
         let change = |key, old_key, op| {
             Decoded::Change(Change {
                 table: self.table.alias.clone(),
@@ -390,6 +395,7 @@ impl Ctx<'_> {
                 op,
                 position,
                 commit_time_ms,
+                origin: None,
             })
         };
         if op == "t" {
@@ -538,20 +544,19 @@ impl Ctx<'_> {
         Err(self.err(format!("{at}.source.ts_ms"), ErrorKind::Missing))
     }
 
-    fn position(&self, ev: &Map<String, Value>, at: &str, commit_time_ms: i64) -> Result<Position, DecodeError> {
+    fn position(
+        &self,
+        ev: &Map<String, Value>,
+        at: &str,
+        commit_time_ms: i64,
+        snapshot: bool,
+    ) -> Result<Position, DecodeError> {
         let empty = Map::new();
         let source = ev.get("source").and_then(Value::as_object).unwrap_or(&empty);
         let path = |field: &str| format!("{at}.source.{field}");
         if let Some(v) = source.get("lsn").filter(|v| !v.is_null()) {
             let lsn = lenient_u64(v).ok_or_else(|| self.type_err(path("lsn"), "an LSN (unsigned integer)", v))?;
-            let major = match source.get("sequence") {
-                None | Some(Value::Null) => 0,
-                Some(Value::String(s)) => {
-                    last_commit_lsn(s).map_err(|e| self.err(path("sequence"), ErrorKind::Value(e)))?
-                }
-                Some(other) => return Err(self.type_err(path("sequence"), "a JSON string", other)),
-            };
-            return Ok(Position::new(major, lsn));
+            return Ok(Position::new(lsn, if snapshot { 0 } else { 1 }));
         }
         if source.get("connector").and_then(Value::as_str) == Some("postgresql") {
             return Err(self.err(path("lsn"), ErrorKind::Missing));
@@ -580,22 +585,6 @@ fn lenient_u64(v: &Value) -> Option<u64> {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => s.parse().ok(),
         _ => None,
-    }
-}
-
-/// `sequence[0]` of Debezium's Postgres `source.sequence` (`"[\"24023119\",\"24023128\"]"`);
-/// null is 0.
-fn last_commit_lsn(sequence: &str) -> Result<u64, String> {
-    let parsed: Value =
-        serde_json::from_str(sequence).map_err(|e| format!("sequence {:?} is not a JSON array: {e}", cut(sequence)))?;
-    match parsed.as_array().map(Vec::as_slice) {
-        Some([Value::Null, _]) => Ok(0),
-        Some([first, _]) => lenient_u64(first)
-            .ok_or_else(|| format!("sequence[0] is {first}, not an LSN (unsigned integer or its text)")),
-        _ => Err(format!(
-            "sequence {:?} is not a 2-element array [lastCommitLsn, lsn]",
-            cut(sequence)
-        )),
     }
 }
 

@@ -178,7 +178,7 @@ fn postgres_streaming_create() {
         (c.table.as_str(), c.key.as_str(), c.old_key.as_ref()),
         ("customers", "[1005]", None)
     );
-    assert_eq!(c.position, Position::new(34_442_256, 34_466_480), "(sequence[0], lsn)");
+    assert_eq!(c.position, Position::new(34_466_480, 1), "(lsn, 1): streamed");
     assert_eq!(c.commit_time_ms, 1_733_906_311_010, "source.ts_ms");
     let names: Vec<&str> = cells(&c).iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
@@ -194,7 +194,7 @@ fn postgres_streaming_create() {
 fn postgres_create_with_schema() {
     let c = change("postgres_create_with_schema.json", &customers());
     assert_eq!(c.key.as_str(), "[1]");
-    assert_eq!(c.position, Position::new(24_023_119, 24_023_128));
+    assert_eq!(c.position, Position::new(24_023_128, 1));
     assert_eq!(c.commit_time_ms, 1_559_033_904_863);
     assert_eq!(val(&c, "first_name"), &json!("Anne"));
     // The same payload without its schema decodes the same.
@@ -222,7 +222,11 @@ fn schema_and_schemaless_mysql_events_agree() {
 #[test]
 fn mysql_snapshot_read_and_updates() {
     let r = change("generic_mysql_snapshot_read_3.0.schemaless.json", &customers());
-    assert_eq!((r.key.as_str(), r.commit_time_ms), ("[1004]", 1_731_327_511_000));
+    assert_eq!(
+        (r.key.as_str(), r.commit_time_ms),
+        ("[1004]", 0),
+        "a snapshot read has no commit time"
+    );
     assert_eq!(r.position, Position::new(3, 797 << 16));
     assert_eq!(val(&r, "first_name"), &json!("Anne"));
     let u = change("generic_mysql_update_3.0.schemaless.json", &customers());
@@ -352,7 +356,7 @@ fn postgres_delete_and_update_under_replica_identity_default() {
         (d.op.clone(), d.key.as_str(), d.old_key.as_ref()),
         (Op::Delete, "[1]", None)
     );
-    assert_eq!(d.position, Position::new(0, 46_523_128), "no sequence: major 0");
+    assert_eq!(d.position, Position::new(46_523_128, 1), "no sequence needed");
     assert_eq!(d.commit_time_ms, 1_559_033_904_863);
     let u = change("postgres_update_replica_identity_default.payload.json", &customers());
     assert_eq!(
@@ -361,7 +365,7 @@ fn postgres_delete_and_update_under_replica_identity_default() {
         "same key in before"
     );
     assert_eq!(val(&u, "first_name"), &json!("Anne Marie"));
-    assert_eq!(u.position, Position::new(0, 24_023_128));
+    assert_eq!(u.position, Position::new(24_023_128, 1));
     // An update whose before holds another full key moves the row.
     let moved = edited("postgres_update_replica_identity_default.payload.json", |p| {
         p["before"]["id"] = json!(7)
@@ -419,22 +423,14 @@ fn postgres_snapshot_reads_and_their_replay() {
     let changes: Vec<Change> = lines.iter().map(|l| change_of(None, l, &customers())).collect();
     let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
     assert_eq!(keys, ["[1001]", "[1002]", "[1003]", "[1004]"]);
-    let times: Vec<i64> = changes.iter().map(|c| c.commit_time_ms).collect();
-    assert_eq!(
-        times,
-        [
-            1_582_540_780_807,
-            1_582_540_780_810,
-            1_582_540_780_812,
-            1_582_540_780_812
-        ]
-    );
+    // Reads: what the rows are, not since when (source.ts_ms is when they were read).
+    assert!(changes.iter().all(|c| c.commit_time_ms == 0));
     for c in &changes {
         assert!(matches!(c.op, Op::Upsert { .. }));
         assert_eq!(
             c.position,
-            Position::new(0, 33_816_576),
-            "snapshot: no sequence, the snapshot LSN"
+            Position::new(33_816_576, 0),
+            "snapshot: (the snapshot's LSN, 0), below what streams from there"
         );
     }
     assert_eq!(val(&changes[1], "email"), &json!("gbailey@foobar.com"));
@@ -447,7 +443,7 @@ fn postgres_snapshot_reads_and_their_replay() {
 fn postgres_truncate() {
     let t = change("postgres_truncate.payload.json", &customers());
     assert_eq!((t.op.clone(), t.key.as_str()), (Op::Truncate, "[]"));
-    assert_eq!(t.position, Position::new(0, 46_523_128));
+    assert_eq!(t.position, Position::new(46_523_128, 1));
     assert_eq!(t.commit_time_ms, 1_559_033_904_863);
 }
 
@@ -503,7 +499,7 @@ fn toast_placeholder_becomes_unchanged() {
     assert_eq!(cell(&c, "biography"), &Cell::Unchanged);
     assert_eq!(val(&c, "first_name"), &json!("Dana"));
     assert_eq!((c.key.as_str(), c.old_key.as_ref()), ("[1004]", None), "before is null");
-    assert_eq!(c.position, Position::new(0, 34_650_016));
+    assert_eq!(c.position, Position::new(34_650_016, 1));
     assert_eq!(c.commit_time_ms, 1_570_448_151_151);
 }
 
@@ -512,7 +508,7 @@ fn smt_inputs_and_outputs_that_are_envelopes() {
     let c = change("smt_decode_logical_message_after.value.json", &customers());
     assert_eq!(c.key.as_str(), "[1]");
     assert_eq!(val(&c, "totalPrice"), &json!(39.98), "a plain number stays a number");
-    assert_eq!(c.position, Position::new(26_717_416, 26_717_576));
+    assert_eq!(c.position, Position::new(26_717_576, 1));
     assert_eq!(c.commit_time_ms, 1_723_115_415_640);
 
     let outbox = TopicTable::new("outbox", ["id"]);
@@ -522,7 +518,7 @@ fn smt_inputs_and_outputs_that_are_envelopes() {
         c.commit_time_ms, 1_556_890_294_484,
         "no source.ts_ms (ts_usec era): envelope ts_ms"
     );
-    assert_eq!(c.position, Position::new(0, 24_064_704));
+    assert_eq!(c.position, Position::new(24_064_704, 1));
     assert!(val(&c, "payload").is_string(), "unhinted JSON text stays text");
     let hinted = outbox
         .with_column_type("payload", ColumnType::Json)
@@ -536,7 +532,7 @@ fn smt_inputs_and_outputs_that_are_envelopes() {
     let output = change("smt_timezone_converter_output.schemaless.json", &zoned);
     let utc = json!("2011-01-11T16:40:30.123456789+00:00");
     assert_eq!((val(&input, "created_at"), val(&output, "created_at")), (&utc, &utc));
-    assert_eq!(input.position, Position::new(24_023_119, 24_023_128));
+    assert_eq!(input.position, Position::new(24_023_128, 1));
     let raw = change("smt_timezone_converter_output.schemaless.json", &customers());
     assert_eq!(val(&raw, "created_at"), &json!("2011-01-11T11:40:30.123456789-05:00"));
 }
@@ -621,10 +617,7 @@ fn postgres_types_through_schema_and_hints() {
     ];
     let expected: Vec<(String, Cell)> = expected.into_iter().map(|(n, c)| (n.to_owned(), c)).collect();
     assert_eq!(cells(&c), expected.as_slice());
-    assert_eq!(
-        (c.key.as_str(), c.position),
-        ("[42]", Position::new(24_023_119, 24_023_128))
-    );
+    assert_eq!((c.key.as_str(), c.position), ("[42]", Position::new(24_023_128, 1)));
     // The same event without schema, with hints for every typed column.
     let hinted = [
         ("price", ColumnType::Decimal { scale: Some(2) }),
@@ -650,20 +643,22 @@ fn postgres_types_through_schema_and_hints() {
 }
 
 #[test]
-fn positions_follow_commit_order_across_interleaved_transactions() {
-    let event = |seq: &str, lsn: u64| {
-        json!({"after": {"id": 1}, "op": "u",
+fn positions_are_the_change_lsn_and_a_snapshot_read_sits_just_below_its_lsn() {
+    let event = |op: &str, seq: &str, lsn: u64| {
+        json!({"after": {"id": 1}, "op": op,
                "source": {"connector": "postgresql", "ts_ms": 1, "sequence": seq, "lsn": lsn}})
         .to_string()
     };
-    // tx1 commits at 300; tx2 started earlier (lower change LSNs) and commits later.
-    let tx1 = change_of(None, &event(r#"["100","250"]"#, 250), &customers()).position;
-    let tx2 = change_of(None, &event(r#"["300","200"]"#, 200), &customers()).position;
-    assert!(tx1 < tx2, "{tx1} < {tx2}");
-    let first = change_of(None, &event(r#"[null,"90"]"#, 90), &customers()).position;
-    assert_eq!(first, Position::new(0, 90));
-    let numeric = change_of(None, &event(r#"[100,250]"#, 250), &customers()).position;
-    assert_eq!(numeric, tx1);
+    // One row's changes: a later transaction writes it only after the earlier committed,
+    // so its change LSN is higher; `sequence` (whatever it holds) does not matter.
+    let first = change_of(None, &event("u", r#"[null,"90"]"#, 90), &customers()).position;
+    let later = change_of(None, &event("u", r#"["300","350"]"#, 350), &customers()).position;
+    assert!(first < later, "{first} < {later}");
+    assert_eq!(first, Position::new(90, 1));
+    // A snapshot read at 350 is older than a change at 350 and newer than one before.
+    let read = change_of(None, &event("r", "", 350), &customers()).position;
+    assert!(first < read && read < later, "{first} < {read} < {later}");
+    assert_eq!(read, Position::new(350, 0));
 }
 
 mod robustness;

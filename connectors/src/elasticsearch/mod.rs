@@ -241,13 +241,11 @@ impl SearchSink {
                         .unwrap_or(Value::Null);
                     let st = res.get("status").and_then(Value::as_u64).unwrap_or(0) as u16;
                     if st == 404 && d.body.is_some() && alias {
-                        return Err(SinkError {
-                            index_missing: true,
-                            ..self.fail(format!(
-                                "alias {index} is gone: {}",
-                                res.get("error").unwrap_or(&Value::Null)
-                            ))
-                        });
+                        return Err(SinkError::lost(
+                            &self.name,
+                            crate::sink::Lost::Projection,
+                            format!("alias {index} is gone: {}", res.get("error").unwrap_or(&Value::Null)),
+                        ));
                     }
                     if is_ok_status(st, d.body.is_none()) {
                         continue;

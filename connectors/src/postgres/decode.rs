@@ -90,6 +90,7 @@ impl TxDecoder {
                             op: Op::Truncate,
                             position: p,
                             commit_time_ms,
+                            origin: None,
                         }),
                         Some(_) => {}
                         None => out.dead_letters.push(SourceDeadLetter {
@@ -234,6 +235,7 @@ impl TxDecoder {
                     op: Op::Delete,
                     position,
                     commit_time_ms,
+                    origin: None,
                 });
             }
             return;
@@ -300,6 +302,7 @@ impl TxDecoder {
             op: Op::Upsert { cells },
             position,
             commit_time_ms,
+            origin: None,
         });
     }
 }

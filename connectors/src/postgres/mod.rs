@@ -10,6 +10,7 @@
 pub mod connect;
 pub mod decode;
 pub mod pgoutput;
+pub mod reload;
 pub mod snapshot;
 pub mod source;
 pub mod values;

@@ -75,6 +75,7 @@ pub fn row_change(
         op: Op::Upsert { cells },
         position,
         commit_time_ms: 0,
+        origin: None,
     })
 }
 

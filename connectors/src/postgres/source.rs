@@ -55,6 +55,9 @@ pub struct PgSourceSettings {
     pub streaming: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Bound of one slot check or heartbeat (each opens its own SQL connection).
+const SIDE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A paused snapshot streams the slot up to `until`; `conn` watches the slot meanwhile.
 #[derive(Clone, Copy)]
 struct CatchUp<'a> {
@@ -226,10 +229,12 @@ impl PgSource {
         }
         let mut tables: Vec<&String> = self.s.tables.keys().collect();
         tables.sort();
+        let mut partitioned = Vec::new();
         for t in &tables {
             let row = c
                 .query_opt(
-                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                            c.relkind = 'p'
                      FROM pg_class c WHERE c.oid = to_regclass($1)",
                     &[&quote_table(t)],
                 )
@@ -243,6 +248,9 @@ impl PgSource {
             };
             let ident: String = row.get(0);
             let has_pk: bool = row.get(1);
+            if row.get::<_, bool>(2) {
+                partitioned.push(t.to_string());
+            }
             if ident == "n" || (ident == "d" && !has_pk) {
                 return Err(self.fatal(format!(
                     "table {t} has no replica identity, so its updates and deletes cannot be identified; add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL",
@@ -260,14 +268,42 @@ impl PgSource {
             .is_some();
         let list = tables.iter().map(|t| quote_table(t)).collect::<Vec<_>>().join(", ");
         if !exists {
+            // A partitioned table is one table: its partitions' changes are published under
+            // the root's name (and a row moving between partitions is a delete and an insert
+            // of it), and the snapshot reads the root.
             info!(source = %self.s.name, publication = %self.s.publication, tables = %list, "creating publication");
             c.batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {list}",
+                "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
                 quote_ident(&self.s.publication)
             ))
             .await
             .map_err(|e| self.fatal(format!("cannot create publication {}: {e}", self.s.publication)))?;
         } else {
+            let via_root: bool = c
+                .query_one(
+                    "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+                    &[&self.s.publication],
+                )
+                .await
+                .map_err(sql)?
+                .get(0);
+            if !via_root && !partitioned.is_empty() {
+                info!(source = %self.s.name, publication = %self.s.publication, tables = ?partitioned,
+                    "partitioned tables: publishing their changes under the root's name");
+                c.batch_execute(&format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    quote_ident(&self.s.publication)
+                ))
+                .await
+                .map_err(|e| {
+                    self.fatal(format!(
+                        "publication {} publishes the partitions of {} under their own names, which no table of the config has: run ALTER PUBLICATION {} SET (publish_via_partition_root = true) as its owner ({e})",
+                        self.s.publication,
+                        partitioned.join(", "),
+                        quote_ident(&self.s.publication)
+                    ))
+                })?;
+            }
             let rows = c
                 .query(
                     "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
@@ -426,10 +462,10 @@ impl PgSource {
         };
         let mut decoder = TxDecoder::new(self.s.tables.clone());
         let mut acked = from;
-        // Slot health every 10 s: retained WAL (a gauge, and a warning past the bound).
-        let mut slot_check = tokio::time::interval(Duration::from_secs(10));
-        let mut heartbeat = tokio::time::interval(self.s.heartbeat_interval.unwrap_or(Duration::from_secs(3600)));
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Slot checks and heartbeats run beside the stream (polled with it, never blocking
+        // it: a hung SQL connection must not stall replication) and each is bounded.
+        let side = self.side_checks(until.is_none());
+        tokio::pin!(side);
         let mut open: Option<(u64, i64, SourceBatch, u64)> = None; // final lsn, commit ms, batch, ordinal
         loop {
             if let Some(c) = catch_up.filter(|_| reached && acked >= last_sent) {
@@ -447,14 +483,7 @@ impl PgSource {
                     let _ = client.shutdown().await;
                     return Ok(last_sent);
                 }
-                _ = slot_check.tick() => {
-                    self.check_slot().await;
-                    continue;
-                }
-                _ = heartbeat.tick(), if self.s.heartbeat_interval.is_some() && until.is_none() => {
-                    self.heartbeat().await;
-                    continue;
-                }
+                _ = &mut side => continue, // never ends
                 r = acks.changed() => {
                     if r.is_err() {
                         return Ok(last_sent); // engine gone: shutting down
@@ -760,6 +789,27 @@ impl PgSource {
         }
         info!(source = %self.s.name, rows, pauses, elapsed_ms = started.elapsed().as_millis() as u64, "initial snapshot read");
         Ok(Some(streamed))
+    }
+
+    /// Slot health every 10 s (retained WAL: a gauge, and a warning past the bound) and,
+    /// with `heartbeats`, the heartbeat. Each bounded by [`SIDE_TIMEOUT`]: one that does
+    /// not answer in time is skipped with a warning. Never ends.
+    async fn side_checks(&self, heartbeats: bool) {
+        let mut slot_check = tokio::time::interval(Duration::from_secs(10));
+        let every = self.s.heartbeat_interval.filter(|_| heartbeats);
+        let mut heartbeat = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        slot_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (what, done) = tokio::select! {
+                _ = slot_check.tick() => ("slot check", tokio::time::timeout(SIDE_TIMEOUT, self.check_slot()).await),
+                _ = heartbeat.tick(), if every.is_some() => ("heartbeat", tokio::time::timeout(SIDE_TIMEOUT, self.heartbeat()).await),
+            };
+            if done.is_err() {
+                warn!(source = %self.s.name, timeout_ms = SIDE_TIMEOUT.as_millis() as u64,
+                    "{what} did not answer in time: skipped (streaming goes on)");
+            }
+        }
     }
 
     /// Writes a non-transactional logical message into this database's WAL: the slot

@@ -6,15 +6,27 @@
 //! The hash is replaced whole (DEL + HSET), so fields never linger from an older image;
 //! set membership changes in the same script, so it cannot disagree with the hash.
 //!
-//! Connection loss and a flushed script cache (NOSCRIPT after a Redis restart) are
-//! transient [`SinkError`]s; per-key refusals (e.g. a key of another type) are
-//! [`Rejection`]s.
+//! Connection loss is a transient [`SinkError`]; per-key refusals (e.g. a key of another
+//! type) are [`Rejection`]s.
+//!
+//! Lost data is detected, not assumed away: a Redis restarted without persistence (or from
+//! an old file), or a failover to a replica that missed writes, comes back without
+//! entries it acknowledged. Two signs are checked on writes: the server's `run_id` (INFO,
+//! at most once a second) differs from the one seen before, or the write script is gone
+//! (NOSCRIPT: the script cache does not survive a restart). Either is a
+//! [`Lost::Sink`] error, and the engine re-writes every entry of the sink's projections
+//! from the state store before it retries.
 
-use crate::sink::{Rejection, SinkDoc, SinkError};
+use crate::sink::{Lost, Rejection, SinkDoc, SinkError};
 use redis::aio::ConnectionManager;
 use redis::{Script, Value as RValue};
 use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use viewkeeper_projections::spec::ProjectionSpec;
+
+/// How often a write checks the server's `run_id`.
+const RUN_ID_CHECK: Duration = Duration::from_secs(1);
 
 const CAS_SCRIPT: &str = r#"
 -- KEYS[1] hash, KEYS[2] set of active ids (or the hash itself when there is none)
@@ -43,6 +55,8 @@ pub struct RedisSink {
     conn: ConnectionManager,
     script: Script,
     pipeline: usize,
+    /// The server's `run_id` when last checked (`None`: INFO not permitted), and when.
+    seen: Arc<Mutex<(Option<String>, Instant)>>,
 }
 
 /// How a JSON value is stored in a hash field; `None` leaves the field out.
@@ -89,12 +103,76 @@ impl RedisSink {
         let mut conn = ConnectionManager::new_with_config(client, cfg).await.map_err(err)?;
         let script = Script::new(CAS_SCRIPT);
         script.prepare_invoke().load_async(&mut conn).await.map_err(err)?;
-        Ok(RedisSink {
+        let mut sink = RedisSink {
             name: name.to_string(),
             conn,
             script,
             pipeline: pipeline.max(1),
-        })
+            seen: Arc::new(Mutex::new((None, Instant::now()))),
+        };
+        let id = sink.run_id().await?;
+        sink.seen = Arc::new(Mutex::new((id, Instant::now())));
+        Ok(sink)
+    }
+
+    /// The server's `run_id` (a new one after every restart, another on another server);
+    /// `None` when INFO is not permitted (an ACL without `+info`): then only NOSCRIPT
+    /// tells of a restart.
+    async fn run_id(&self) -> Result<Option<String>, SinkError> {
+        let mut conn = self.conn.clone();
+        match redis::cmd("INFO").arg("server").query_async::<String>(&mut conn).await {
+            Ok(info) => Ok(info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|v| v.trim().to_string())),
+            Err(e) if e.kind() == redis::ErrorKind::IoError => Err(self.transient("INFO", e)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// What the server's storage is: its `run_id` as seen when connecting. The engine
+    /// keeps it with the state store; another one on the next start means the entries
+    /// written before may be gone.
+    pub fn identity(&self) -> Option<String> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// How many of `keys` exist.
+    pub async fn exists(&self, keys: &[String]) -> Result<usize, SinkError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.transient("EXISTS", e))
+    }
+
+    /// A [`Lost::Sink`] error when the server is not the one seen before (checked at most
+    /// once a [`RUN_ID_CHECK`]). The new `run_id` is remembered, so it is reported once.
+    async fn check_server(&self) -> Result<(), SinkError> {
+        let due = {
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.0.is_some() && seen.1.elapsed() >= RUN_ID_CHECK
+        };
+        if !due {
+            return Ok(());
+        }
+        let now = self.run_id().await?;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.1 = Instant::now();
+        match (&seen.0, now) {
+            (Some(before), Some(now)) if *before != now => {
+                let msg = format!(
+                    "the Redis server changed (run_id {before} -> {now}): it restarted or failed over, and may have lost entries"
+                );
+                seen.0 = Some(now);
+                Err(SinkError::lost(&self.name, Lost::Sink, msg))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The hashes at `keys` (empty for a missing key), for `verify`.
@@ -183,6 +261,7 @@ impl RedisSink {
 
     /// Writes the documents of one projection.
     pub async fn write(&self, proj: &ProjectionSpec, docs: &[SinkDoc]) -> Result<Vec<Rejection>, SinkError> {
+        self.check_server().await?;
         let mut rejections = Vec::new();
         for chunk in docs.chunks(self.pipeline) {
             let mut pipe = redis::pipe();
@@ -234,16 +313,21 @@ impl RedisSink {
             let results: Vec<RValue> = match pipe.query_async(&mut conn).await {
                 Ok(r) => r,
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                    // Redis restarted (or SCRIPT FLUSH): load the script once more and
-                    // retry the chunk; a second failure goes back to the engine's backoff.
+                    // The script cache is empty: Redis restarted (or SCRIPT FLUSH), so the
+                    // entries may be gone too. Load the script again; the engine re-writes
+                    // every entry, then this write.
                     self.script
                         .prepare_invoke()
                         .load_async(&mut conn)
                         .await
                         .map_err(|e| self.transient("loading the compare-and-set script", e))?;
-                    pipe.query_async(&mut conn)
-                        .await
-                        .map_err(|e| self.transient("pipeline failed after reloading the script", e))?
+                    let id = self.run_id().await?;
+                    *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = (id, Instant::now());
+                    return Err(SinkError::lost(
+                        &self.name,
+                        Lost::Sink,
+                        "the Redis server lost the write script (NOSCRIPT): it restarted or flushed its scripts, and may have lost entries",
+                    ));
                 }
                 Err(e) => return Err(self.transient("pipeline failed", e)),
             };

@@ -1,8 +1,9 @@
 //! State store semantics on a real SQLite file in a temp dir.
 
 use super::*;
-use serde_json::json;
-use viewkeeper_projections::model::format_ms;
+use serde_json::{json, Value};
+use viewkeeper_projections::model::{format_ms, Cell, Change, Key, Op, Position, StoredRow, TombstoneKind};
+use viewkeeper_projections::render::RowLookup;
 use viewkeeper_projections::spec::Condition;
 
 fn catalog() -> Catalog {
@@ -50,6 +51,7 @@ fn upsert(table: &str, key: Value, cells: Vec<(&str, Cell)>, pos: u64) -> Change
         },
         position: Position::new(pos, 0),
         commit_time_ms: pos as i64 * 1000,
+        origin: None,
     }
 }
 
@@ -201,11 +203,11 @@ fn decommission_delete_and_revival() {
     apply(&mut s, &row("active", 1));
     apply(&mut s, &row("decommissioned", 2));
     let t = get(&s, "products", json!([1])).unwrap().tombstone.unwrap();
-    assert_eq!((t.kind, t.at_ms), (TombstoneKind::Decommissioned, 2000));
+    assert_eq!((t.kind, t.at_ms), (TombstoneKind::Decommissioned, Some(2000)));
     apply(&mut s, &row("decommissioned", 3));
     assert_eq!(
         get(&s, "products", json!([1])).unwrap().tombstone.unwrap().at_ms,
-        2000,
+        Some(2000),
         "first time kept"
     );
     apply(&mut s, &row("active", 4));
@@ -323,9 +325,9 @@ fn checkpoints_only_move_forward_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut s = Store::open(dir.path(), catalog()).unwrap();
-        s.set_checkpoints(&[("catalog".to_string(), Position::new(100, 0))].into())
+        s.set_checkpoints(&[("catalog".to_string(), Position::new(100, 0))].into(), None)
             .unwrap();
-        s.set_checkpoints(&[("catalog".to_string(), Position::new(50, 0))].into())
+        s.set_checkpoints(&[("catalog".to_string(), Position::new(50, 0))].into(), None)
             .unwrap();
     }
     let s = Store::open_read_only(dir.path(), catalog()).unwrap();
@@ -417,4 +419,114 @@ fn a_second_writer_waits_instead_of_breaking_a_transaction_in_progress() {
     let theirs = other.join().unwrap();
     assert!(theirs > mine, "versions stay ordered across writers: {theirs} > {mine}");
     assert_eq!(get(&a, "products", json!([1])).unwrap().image["name"], json!("b"));
+}
+
+#[test]
+fn pending_roots_survive_until_their_batch_is_checkpointed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let k = |i: i64| Key::from_values(&[json!(i)]);
+    {
+        let tx = s.begin().unwrap();
+        tx.add_pending("p", [&k(1), &k(2)], 10).unwrap();
+        tx.commit().unwrap();
+        let tx = s.begin().unwrap();
+        tx.add_pending("p", [&k(2), &k(3)], 11).unwrap();
+        tx.add_pending("q", [&k(1)], 11).unwrap();
+        tx.commit().unwrap();
+    }
+    drop(s);
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let p = s.pending().unwrap();
+    assert_eq!(p.through, 11);
+    assert_eq!(p.roots["p"], vec![k(1), k(2), k(3)]);
+    // Batch 10 durable: what batch 11 also wrote stays.
+    s.set_checkpoints(&[("catalog".to_string(), Position::new(5, 0))].into(), Some(10))
+        .unwrap();
+    let p = s.pending().unwrap();
+    assert_eq!(p.roots["p"], vec![k(2), k(3)]);
+    assert_eq!(p.roots["q"], vec![k(1)]);
+    s.clear_pending(11).unwrap();
+    assert_eq!(s.pending().unwrap(), checkpoints::Pending::default());
+}
+
+#[test]
+fn a_row_older_than_a_truncate_reads_as_deleted_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let mut t = upsert("products", json!([]), vec![], 5);
+    t.op = Op::Truncate;
+    apply(&mut s, &t);
+    // From another partition: inserted before the TRUNCATE, arriving after it.
+    apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("A")))],
+            3,
+        ),
+    );
+    let r = get(&s, "products", json!([1])).unwrap();
+    assert_eq!(r.image["name"], json!("A"), "last image kept");
+    let tomb = r.tombstone.unwrap();
+    assert_eq!((tomb.kind, tomb.at_ms), (TombstoneKind::Deleted, Some(5000)));
+    // Inserted after the TRUNCATE: live.
+    apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("B")))],
+            6,
+        ),
+    );
+    assert!(get(&s, "products", json!([1])).unwrap().tombstone.is_none());
+}
+
+#[test]
+fn shape_growth_is_recorded_with_its_reloads_and_other_writers_must_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut small = catalog();
+    small.needed_columns.get_mut("products").unwrap().remove("description");
+    {
+        let mut s = Store::open(dir.path(), small.clone()).unwrap();
+        assert!(s.shape_growth().unwrap().is_empty(), "a new store adopts its catalog");
+        s.adopt_shape(&shape::Adoption::default()).unwrap();
+    }
+    // A writer beside the worker with a bigger config is refused, naming what is missing.
+    let err = Store::open_beside(dir.path(), catalog()).err().unwrap().to_string();
+    assert!(err.contains("table products lacks column(s) description"), "{err}");
+    assert!(Store::open_beside(dir.path(), small.clone()).is_ok());
+    // The worker with the bigger config: growth, recorded with the re-read in one step.
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    let growth = s.shape_growth().unwrap();
+    assert_eq!(growth["products"], ["description".to_string()].into());
+    s.adopt_shape(&shape::Adoption {
+        reloads: vec![("catalog".into(), "public.products".into())],
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(s.shape_growth().unwrap().is_empty());
+    assert!(s.reloads_pending(Some("catalog")).unwrap());
+    assert!(!s.reloads_pending(Some("ordering")).unwrap());
+    assert!(Store::open_beside(dir.path(), catalog()).is_ok());
+    // Indexes: a config that needs an index the store does not keep is refused beside it.
+    let mut more = catalog();
+    more.indexes.insert(("products".into(), vec!["name".into()]));
+    let err = Store::open_beside(dir.path(), more).err().unwrap().to_string();
+    assert!(err.contains("no reverse index on products(name)"), "{err}");
+}
+
+#[test]
+fn one_worker_per_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = WorkerLock::acquire(dir.path()).unwrap();
+    let err = WorkerLock::acquire(dir.path()).err().unwrap().to_string();
+    assert!(
+        err.contains(&format!("(pid {})", std::process::id())) && err.contains("one worker per data dir"),
+        "{err}"
+    );
+    drop(lock);
+    assert!(WorkerLock::acquire(dir.path()).is_ok());
 }

@@ -1,0 +1,273 @@
+//! The state store: one SQLite file under the data dir (`state.db`, WAL mode,
+//! `synchronous=FULL`).
+//!
+//! It keeps, for every table a projection reads: the latest image of each row
+//! (only the columns projections need), tombstones, each row's source position,
+//! reverse indexes for joins; and, for the engine: the hybrid version clock, the
+//! per-source checkpoints, the documents still to write, the dead-letter store, and the
+//! shape (columns, indexes) it was built for.
+//!
+//! Invariants:
+//! * How a change meets a stored row is decided by the pure rules of [`merge`]; this
+//!   module only stores (rows in [`rows`], lookups in [`lookup`]).
+//! * A checkpoint is written only by [`Store::set_checkpoints`], which the engine calls
+//!   after every sink acknowledged the batch; a crash before that replays the batch. The
+//!   root keys a batch must still write are stored with its state and cleared with its
+//!   checkpoint ([`checkpoints`]), so a replay that is a no-op still writes them.
+//! * The version clock never goes back: `max(last + 1, unix_ms << 20)`, persisted in
+//!   the same transaction as the state it versions ([`clock`]).
+//! * Only the worker (which holds the data dir's lock) changes the store's shape; other
+//!   processes that write (rebuild, dlq replay, verify --repair) refuse a config that
+//!   needs more than the store keeps ([`shape`]).
+//! * Other processes (status, verify, dlq) may open the file read-only while the
+//!   worker writes; WAL mode gives them consistent snapshots.
+
+mod checkpoints;
+mod clock;
+mod dead_letters;
+mod lookup;
+pub mod merge;
+mod rows;
+pub mod shape;
+
+pub use checkpoints::Pending;
+pub use dead_letters::DeadLetter;
+pub use merge::Applied;
+pub use shape::{ShapeError, WorkerLock};
+
+use rusqlite::{params, Connection, OpenFlags, Transaction};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use viewkeeper_projections::spec::TableSpec;
+
+pub const STATE_FILE: &str = "state.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state store: corrupt row image of {table} {key}: {source}")]
+    Corrupt {
+        table: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+}
+
+/// What the store needs to know about tables: keys, decommission rules, which
+/// columns to keep and which join columns to index.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub tables: BTreeMap<String, TableSpec>,
+    pub needed_columns: BTreeMap<String, BTreeSet<String>>,
+    pub indexes: BTreeSet<(String, Vec<String>)>,
+}
+
+pub struct Store {
+    conn: Connection,
+    catalog: Catalog,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rows(
+        tbl TEXT NOT NULL, key TEXT NOT NULL, image TEXT NOT NULL,
+        pos_major INTEGER NOT NULL, pos_minor INTEGER NOT NULL,
+        tomb_kind TEXT, tomb_at INTEGER, origin TEXT, origin_offset INTEGER,
+        PRIMARY KEY(tbl, key)) WITHOUT ROWID;
+     CREATE TABLE IF NOT EXISTS idx(
+        tbl TEXT NOT NULL, cols TEXT NOT NULL, val TEXT NOT NULL, key TEXT NOT NULL,
+        PRIMARY KEY(tbl, cols, val, key)) WITHOUT ROWID;
+     CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS checkpoints(
+        source TEXT PRIMARY KEY, pos_major INTEGER NOT NULL, pos_minor INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS dead_letters(
+        id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, source TEXT NOT NULL,
+        position TEXT NOT NULL, tbl TEXT NOT NULL, key TEXT NOT NULL, stage TEXT NOT NULL,
+        reason TEXT NOT NULL, payload TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS snapshot_progress(
+        source TEXT NOT NULL, tbl TEXT NOT NULL, last_key TEXT, done INTEGER NOT NULL,
+        PRIMARY KEY(source, tbl));
+     CREATE TABLE IF NOT EXISTS reload_progress(
+        source TEXT NOT NULL, tbl TEXT NOT NULL, last_key TEXT, done INTEGER NOT NULL,
+        PRIMARY KEY(source, tbl));
+     CREATE TABLE IF NOT EXISTS truncations(
+        tbl TEXT NOT NULL, pos_major INTEGER NOT NULL, pos_minor INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL, PRIMARY KEY(tbl, pos_major, pos_minor)) WITHOUT ROWID;
+     CREATE TABLE IF NOT EXISTS pending(
+        projection TEXT NOT NULL, key TEXT NOT NULL, batch INTEGER NOT NULL,
+        PRIMARY KEY(projection, key)) WITHOUT ROWID;";
+
+fn open_conn(dir: &Path) -> Result<Connection, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+        path: dir.display().to_string(),
+        source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+    })?;
+    let path = dir.join(STATE_FILE);
+    let conn = Connection::open(&path).map_err(|e| StoreError::Open {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA)?;
+    // Stores written before rows remembered their log place.
+    let has_origin: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('rows') WHERE name = 'origin'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_origin {
+        conn.execute_batch(
+            "ALTER TABLE rows ADD COLUMN origin TEXT; ALTER TABLE rows ADD COLUMN origin_offset INTEGER;",
+        )?;
+    }
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating) the state store as its owner: the worker, holding the data dir's
+    /// [`WorkerLock`]. Reverse indexes the catalog declares but the file lacks are built
+    /// (from the stored images), ones no longer declared dropped; see
+    /// [`Store::shape_growth`] for columns.
+    pub fn open(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
+        let conn = open_conn(dir)?;
+        let mut store = Store { conn, catalog };
+        store.sync_indexes()?;
+        Ok(store)
+    }
+
+    /// Opens the state store for writing beside its owner (a rebuild, `dlq replay`,
+    /// `verify --repair`): the store's shape is left as it is, and a catalog that needs
+    /// columns or indexes the store does not keep is refused with the reason.
+    pub fn open_beside(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
+        let conn = open_conn(dir)?;
+        let store = Store { conn, catalog };
+        store.check_fits()?;
+        Ok(store)
+    }
+
+    /// Opens an existing state store read-only (for status/verify/dlq while the
+    /// worker runs).
+    pub fn open_read_only(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
+        let path = dir.join(STATE_FILE);
+        let conn =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        Ok(Store { conn, catalog })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Starts a write transaction. IMMEDIATE: the write lock is taken at the start, so
+    /// another process writing meanwhile (a `backfill --rebuild` beside the worker) makes
+    /// this wait (busy timeout) instead of failing at its first write with
+    /// SQLITE_BUSY_SNAPSHOT, as a deferred transaction whose snapshot went stale does.
+    pub fn begin(&mut self) -> Result<StoreTx<'_>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        Ok(StoreTx {
+            tx,
+            catalog: &self.catalog,
+        })
+    }
+
+    /// Runs `f` in one IMMEDIATE write transaction and commits.
+    fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let r = f(&tx)?;
+        tx.commit()?;
+        Ok(r)
+    }
+
+    /// Size of the database file (pages in use × page size).
+    pub fn size_bytes(&self) -> u64 {
+        self.conn
+            .query_row(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_or(0, |v| v as u64)
+    }
+
+    /// Number of stored rows per table (tombstones included).
+    pub fn row_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut st = self.conn.prepare("SELECT tbl, count(*) FROM rows GROUP BY tbl")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Keys of every stored row of `table`.
+    pub fn keys(&self, table: &str) -> Result<Vec<viewkeeper_projections::model::Key>, StoreError> {
+        rows::keys(&self.conn, table)
+    }
+
+    /// Keys of up to `limit` stored rows of `table` that are not tombstones.
+    pub fn live_keys(&self, table: &str, limit: usize) -> Result<Vec<viewkeeper_projections::model::Key>, StoreError> {
+        rows::live_keys(&self.conn, table, limit)
+    }
+
+    fn meta(&self, k: &str) -> Result<Option<String>, StoreError> {
+        meta_get(&self.conn, k)
+    }
+}
+
+fn meta_get(conn: &Connection, k: &str) -> Result<Option<String>, StoreError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .prepare_cached("SELECT v FROM meta WHERE k = ?1")?
+        .query_row(params![k], |r| r.get(0))
+        .optional()?)
+}
+
+fn meta_set(conn: &Connection, k: &str, v: Option<&str>) -> Result<(), StoreError> {
+    match v {
+        Some(v) => conn.execute(
+            "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            params![k, v],
+        )?,
+        None => conn.execute("DELETE FROM meta WHERE k = ?1", params![k])?,
+    };
+    Ok(())
+}
+
+/// A write transaction over the state store. Dropping it without [`StoreTx::commit`]
+/// rolls everything back.
+pub struct StoreTx<'a> {
+    tx: Transaction<'a>,
+    catalog: &'a Catalog,
+}
+
+impl StoreTx<'_> {
+    pub fn commit(self) -> Result<(), StoreError> {
+        Ok(self.tx.commit()?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
