@@ -4,11 +4,17 @@
 //! whose errors name the key path and say how to fix it. Secrets (passwords in URLs)
 //! are redacted in `Debug` and in `check-config` output.
 
+pub use viewkeeper_connectors::sinks::blackhole::BlackholeConfig;
+pub use viewkeeper_connectors::sinks::elasticsearch::SearchConfig;
+pub use viewkeeper_connectors::sinks::redis::RedisConfig;
+pub use viewkeeper_connectors::sources::debezium::DebeziumConfig;
+pub use viewkeeper_connectors::sources::postgres::{PostgresConfig, SnapshotMode};
+pub use viewkeeper_core::secret::{KafkaProperties, Secret, SecretUrl};
+
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use viewkeeper_projections::spec::{self, ProjectionSpec, TableSpec};
 
@@ -56,10 +62,20 @@ pub struct EngineConfig {
     pub retry_min_ms: u64,
     #[serde(default = "EngineConfig::default_retry_max_ms")]
     pub retry_max_ms: u64,
-    /// On SIGTERM/SIGINT: how long the batch in hand may take to reach the sinks and be
-    /// checkpointed before it is abandoned (it replays on the next start).
+    /// On SIGTERM/SIGINT: how long the batches in hand may take to reach the sinks and be
+    /// checkpointed before they are abandoned (they replay on the next start).
     #[serde(default = "EngineConfig::default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// Batches applied and rendered ahead of the ones being written (the pipeline's depth).
+    #[serde(default = "EngineConfig::default_pipeline_batches")]
+    pub pipeline_batches: usize,
+    /// Requests in flight per sink.
+    #[serde(default = "EngineConfig::default_sink_concurrency")]
+    pub sink_concurrency: usize,
+    /// Threads rendering a whole re-write (backfill, rebuild, resync); default: the
+    /// machine's cores, at most 4.
+    #[serde(default)]
+    pub render_threads: Option<usize>,
 }
 
 impl EngineConfig {
@@ -81,6 +97,19 @@ impl EngineConfig {
     fn default_drain_timeout_ms() -> u64 {
         10_000
     }
+    fn default_pipeline_batches() -> usize {
+        4
+    }
+    fn default_sink_concurrency() -> usize {
+        4
+    }
+
+    /// Threads rendering a whole re-write.
+    pub fn render_threads(&self) -> usize {
+        self.render_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+            .max(1)
+    }
 }
 
 impl Default for EngineConfig {
@@ -92,6 +121,9 @@ impl Default for EngineConfig {
             retry_min_ms: Self::default_retry_min_ms(),
             retry_max_ms: Self::default_retry_max_ms(),
             drain_timeout_ms: Self::default_drain_timeout_ms(),
+            pipeline_batches: Self::default_pipeline_batches(),
+            sink_concurrency: Self::default_sink_concurrency(),
+            render_threads: None,
         }
     }
 }
@@ -132,350 +164,26 @@ impl Default for HttpConfig {
     }
 }
 
-/// A connection string whose password never reaches logs. In the config either the
-/// string itself or `{ file = "/run/secrets/pg_url" }`: the file's content (one line,
-/// surrounding whitespace trimmed), so the secret need not sit in the config or the
-/// environment (Docker/Kubernetes secrets).
-#[derive(Clone)]
-pub struct SecretUrl(pub String);
-
-impl<'de> Deserialize<'de> for SecretUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Inline(String),
-            File { file: PathBuf },
-        }
-        match Form::deserialize(d)? {
-            Form::Inline(s) => Ok(SecretUrl(s)),
-            Form::File { file } => std::fs::read_to_string(&file)
-                .map(|s| SecretUrl(s.trim().to_string()))
-                .map_err(|e| serde::de::Error::custom(format!("cannot read the secret file {}: {e}", file.display()))),
-        }
-    }
-}
-
-impl SecretUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
-        let s = &self.0;
-        if let Some(scheme_end) = s.find("://") {
-            let rest = &s[scheme_end + 3..];
-            let auth_end = rest.find('/').unwrap_or(rest.len());
-            if let Some(at) = rest[..auth_end].rfind('@') {
-                if let Some(colon) = rest[..at].find(':') {
-                    return format!("{}{}:***{}", &s[..scheme_end + 3], &rest[..colon], &rest[at..]);
-                }
-            }
-        }
-        // key=value form: password=...
-        s.split_whitespace()
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-/// A secret that is not a URL (an API key): the string itself or `{ file = "…" }`, like
-/// [`SecretUrl`]; shown as `***` in `Debug` and `check-config`.
-#[derive(Clone)]
-pub struct Secret(pub String);
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        SecretUrl::deserialize(d).map(|s| Secret(s.0))
-    }
-}
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
-/// librdkafka properties; the values of secret ones (`sasl.password`, `ssl.key.password`,
-/// `sasl.jaas.config`, …: any key naming a password, secret, key or JAAS config) are
-/// `***` in `Debug` and `check-config`. A value may also be `{ file = "…" }`.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct KafkaProperties(pub BTreeMap<String, Secret>);
-
-impl KafkaProperties {
-    pub fn is_secret(key: &str) -> bool {
-        let k = key.to_ascii_lowercase();
-        ["password", "secret", "jaas", ".key.pem", "ssl.key", "keystore", "token"]
-            .iter()
-            .any(|w| k.contains(w))
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.keys()
-    }
-
-    /// The plain values, for librdkafka.
-    pub fn exposed(&self) -> BTreeMap<String, String> {
-        self.0.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()
-    }
-}
-
-impl fmt::Debug for KafkaProperties {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.0.iter().map(|(k, v)| {
-                let shown = if Self::is_secret(k) { "***" } else { v.0.as_str() };
-                (k, shown)
-            }))
-            .finish()
-    }
-}
-
+/// `[sources.NAME]`: the settings are each connector's own (its `config.rs`).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
-    Postgres(PostgresSource),
+    Postgres(PostgresConfig),
     /// Debezium change-event topics in Kafka (JsonConverter, with or without schemas).
-    Debezium(DebeziumSource),
+    Debezium(DebeziumConfig),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DebeziumSource {
-    /// `bootstrap.servers`, e.g. `127.0.0.1:19092`.
-    pub brokers: String,
-    /// The connector's `topic.prefix`: table `schema.table` is read from
-    /// `<topic_prefix>.<schema>.<table>` unless `topics` names another topic.
-    pub topic_prefix: String,
-    /// Consumer group; default `viewkeeper-<source name>`.
-    #[serde(default)]
-    pub group_id: Option<String>,
-    /// Table name (`[tables.NAME]`) → topic, where Debezium's naming is not used.
-    #[serde(default)]
-    pub topics: BTreeMap<String, String>,
-    /// Table name → column → type, for topics without schemas (`schemas.enable=false`):
-    /// e.g. `products = { price = "decimal(2)" }`. A schema in the message wins.
-    #[serde(default)]
-    pub column_types: BTreeMap<String, BTreeMap<String, String>>,
-    /// Extra librdkafka consumer properties (security, fetch sizes, …); secret ones are
-    /// redacted in `Debug` / `check-config` (see [`KafkaProperties`]).
-    #[serde(default)]
-    pub properties: KafkaProperties,
-    #[serde(default = "DebeziumSource::default_session_timeout_ms")]
-    pub session_timeout_ms: u64,
-    /// Records per batch at most.
-    #[serde(default = "DebeziumSource::default_max_batch_records")]
-    pub max_batch_records: usize,
-    /// On a rebalance, how long to wait for the engine to acknowledge what was read
-    /// before the partitions go (what is not acknowledged by then is replayed).
-    #[serde(default = "DebeziumSource::default_revoke_timeout_ms")]
-    pub revoke_timeout_ms: u64,
-}
-
-impl DebeziumSource {
-    fn default_session_timeout_ms() -> u64 {
-        10_000
-    }
-    fn default_max_batch_records() -> usize {
-        5_000
-    }
-    fn default_revoke_timeout_ms() -> u64 {
-        30_000
-    }
-
-    /// The topic of table `alias` (`schema.table` `name`).
-    pub fn topic_of(&self, alias: &str, name: &str) -> String {
-        self.topics
-            .get(alias)
-            .cloned()
-            .unwrap_or_else(|| format!("{}.{name}", self.topic_prefix))
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSource {
-    /// `postgres://user[:password]@host:port/database[?sslmode=verify-full&sslrootcert=/ca.crt]`
-    /// (TLS as in libpq: see [`viewkeeper_connectors::postgres::connect`]).
-    pub url: SecretUrl,
-    /// Logical replication slot (created when missing).
-    pub slot: String,
-    /// Publication over the source's tables (created when missing).
-    pub publication: String,
-    /// How often standby status updates report the checkpoint.
-    #[serde(default = "PostgresSource::default_status_interval_ms")]
-    pub status_interval_ms: u64,
-    /// `initial` (default): when the slot is created, read the rows that already exist
-    /// under its snapshot, then stream. `never`: stream only what changes from then on.
-    #[serde(default)]
-    pub snapshot: SnapshotMode,
-    /// Warn when the slot retains more WAL than this (and see
-    /// `viewkeeper_slot_retained_wal_bytes`); an initial snapshot pauses to stream the
-    /// slot when it does. Default 1 GiB.
-    #[serde(default = "PostgresSource::default_max_retained_wal_bytes")]
-    pub max_retained_wal_bytes: u64,
-    /// Heartbeat while streaming (`pg_logical_emit_message`, milliseconds; 0: off), so
-    /// the slot of a database whose published tables do not change still advances.
-    #[serde(default = "PostgresSource::default_heartbeat_interval_ms")]
-    pub heartbeat_interval_ms: u64,
-    /// Rows per chunk of the initial snapshot (one batch each; progress is stored per chunk).
-    #[serde(default = "PostgresSource::default_snapshot_chunk_rows")]
-    pub snapshot_chunk_rows: usize,
-}
-
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotMode {
-    #[default]
-    Initial,
-    Never,
-}
-
-impl PostgresSource {
-    /// Connects to the source's database with the URL's TLS settings; the connection is
-    /// driven by the returned task.
-    pub async fn connect(&self) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
-        let pg = viewkeeper_connectors::postgres::PgConnector::parse(self.url.expose()).map_err(anyhow::Error::msg)?;
-        Ok(pg.connect().await?)
-    }
-
-    fn default_status_interval_ms() -> u64 {
-        1_000
-    }
-    fn default_max_retained_wal_bytes() -> u64 {
-        1 << 30
-    }
-    fn default_heartbeat_interval_ms() -> u64 {
-        60_000
-    }
-    fn default_snapshot_chunk_rows() -> usize {
-        viewkeeper_connectors::postgres::snapshot::CHUNK_ROWS
-    }
-}
-
+/// `[sinks.NAME]`: the settings are each connector's own (its `config.rs`).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SinkConfig {
-    Redis(RedisSink),
+    Redis(RedisConfig),
     /// Elasticsearch 8 or OpenSearch 2 (`kind = "opensearch"` is the same).
     #[serde(alias = "opensearch")]
-    Elasticsearch(SearchSink),
+    Elasticsearch(SearchConfig),
     /// Discards every write and counts it (`viewkeeper_blackhole_documents_total{sink}`):
     /// to measure sources, joins and rendering without a sink's cost.
-    Blackhole(BlackholeSink),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlackholeSink {}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SearchSink {
-    /// `http(s)://[user:password@]host:port`: a user and password in the URL are sent as
-    /// HTTP basic authentication.
-    pub url: SecretUrl,
-    /// An Elasticsearch API key (the base64 `encoded` form the API returns), sent as
-    /// `Authorization: ApiKey …`; instead of a user and password.
-    #[serde(default)]
-    pub api_key: Option<Secret>,
-    /// A PEM file of the CA certificates that sign the server's (HTTPS); without it the
-    /// Mozilla roots. The host name is always checked.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// A bulk request is cut once it passes this size; one request is in flight.
-    #[serde(default = "SearchSink::default_max_bulk_bytes")]
-    pub max_bulk_bytes: usize,
-    /// Rounds of retrying only the items refused with 429/5xx within one write.
-    #[serde(default = "SearchSink::default_item_retries")]
-    pub item_retries: usize,
-    #[serde(default = "SearchSink::default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
-}
-
-impl SearchSink {
-    /// The search client for sink `name` (no request made yet).
-    pub fn client(
-        &self,
-        name: &str,
-        engine: &EngineConfig,
-    ) -> Result<viewkeeper_connectors::elasticsearch::SearchSink, viewkeeper_connectors::sink::SinkError> {
-        viewkeeper_connectors::elasticsearch::SearchSink::new(
-            name,
-            &viewkeeper_connectors::elasticsearch::SearchSettings {
-                url: self.url.expose().to_string(),
-                api_key: self.api_key.as_ref().map(|k| k.expose().to_string()),
-                ca_file: self.ca_file.clone(),
-                max_bulk_bytes: self.max_bulk_bytes,
-                retry_min: std::time::Duration::from_millis(engine.retry_min_ms),
-                retry_max: std::time::Duration::from_millis(engine.retry_max_ms),
-                item_retries: self.item_retries,
-                request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
-            },
-        )
-    }
-
-    fn default_max_bulk_bytes() -> usize {
-        5 * 1024 * 1024
-    }
-    fn default_item_retries() -> usize {
-        3
-    }
-    fn default_request_timeout_ms() -> u64 {
-        30_000
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSink {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS (the host name
-    /// is checked against the server's certificate).
-    pub url: SecretUrl,
-    /// A PEM file of the CA certificates that sign the server's (with `rediss://`);
-    /// without it the system's roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Commands per pipelined round trip.
-    #[serde(default = "RedisSink::default_pipeline")]
-    pub pipeline: usize,
-}
-
-impl RedisSink {
-    fn default_pipeline() -> usize {
-        256
-    }
-
-    /// Connects the sink `name` (Redis answered, the write script is loaded).
-    pub async fn connect(
-        &self,
-        name: &str,
-        pipeline: usize,
-    ) -> Result<viewkeeper_connectors::redis::RedisSink, viewkeeper_connectors::sink::SinkError> {
-        viewkeeper_connectors::redis::RedisSink::connect(name, self.url.expose(), self.ca_file.as_deref(), pipeline)
-            .await
-    }
+    Blackhole(BlackholeConfig),
 }
 
 /// A config that failed to load or validate.
@@ -541,68 +249,32 @@ impl Config {
         if self.engine.max_batch_changes == 0 {
             out.push("engine.max_batch_changes: must be at least 1".into());
         }
+        if self.engine.pipeline_batches == 0 || self.engine.sink_concurrency == 0 {
+            out.push("engine.pipeline_batches, engine.sink_concurrency: must be at least 1".into());
+        }
         if self.engine.retry_min_ms == 0 || self.engine.retry_min_ms > self.engine.retry_max_ms {
             out.push("engine.retry_min_ms: must be at least 1 and at most engine.retry_max_ms".into());
         }
         let mut slots = BTreeSet::new();
         for (name, src) in &self.sources {
             check_ident(&mut out, &format!("sources.{name}"), name);
+            let p = format!("sources.{name}");
             match src {
                 SourceConfig::Postgres(pg) => {
-                    let p = format!("sources.{name}");
                     check_ident(&mut out, &format!("{p}.slot"), &pg.slot);
                     check_ident(&mut out, &format!("{p}.publication"), &pg.publication);
-                    if let Err(e) = viewkeeper_connectors::postgres::PgConnector::parse(pg.url.expose()) {
-                        out.push(format!("{p}.url: not a usable Postgres connection string ({e}); e.g. postgres://postgres@127.0.0.1:54329/catalog?sslmode=verify-full&sslrootcert=/etc/viewkeeper/ca.crt"));
-                    }
-                    if pg.snapshot_chunk_rows == 0 {
-                        out.push(format!("{p}.snapshot_chunk_rows: must be at least 1"));
-                    }
+                    pg.validate(&p, &mut out);
                     if !slots.insert((pg.url.expose().to_string(), pg.slot.clone())) {
                         out.push(format!("{p}.slot: slot '{}' is used by another source on the same database; each source needs its own slot", pg.slot));
                     }
-                    if !self.tables.values().any(|t| &t.source == name) {
-                        out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
-                    }
                 }
                 SourceConfig::Debezium(d) => {
-                    let p = format!("sources.{name}");
-                    if d.brokers.trim().is_empty() {
-                        out.push(format!("{p}.brokers: empty; e.g. brokers = \"127.0.0.1:19092\""));
-                    }
-                    if d.topic_prefix.trim().is_empty() {
-                        out.push(format!(
-                            "{p}.topic_prefix: empty; the Debezium connector's topic.prefix, e.g. \"catalog\""
-                        ));
-                    }
-                    if d.max_batch_records == 0 {
-                        out.push(format!("{p}.max_batch_records: must be at least 1"));
-                    }
-                    let own = |t: &String| self.tables.get(t).is_some_and(|t| &t.source == name);
-                    for t in d.topics.keys().filter(|t| !own(t)) {
-                        out.push(format!("{p}.topics.{t}: no table '{t}' reads from source '{name}'"));
-                    }
-                    for (t, cols) in &d.column_types {
-                        if !own(t) {
-                            out.push(format!(
-                                "{p}.column_types.{t}: no table '{t}' reads from source '{name}'"
-                            ));
-                        }
-                        for (c, ty) in cols {
-                            if let Err(e) = viewkeeper_connectors::debezium::ColumnType::from_hint(ty) {
-                                out.push(format!("{p}.column_types.{t}.{c}: {e}"));
-                            }
-                        }
-                    }
-                    for k in d.properties.keys() {
-                        if viewkeeper_connectors::kafka::OWN_PROPERTIES.contains(&k.as_str()) {
-                            out.push(format!("{p}.properties.{k}: set by viewkeeper itself (use the source's own keys: brokers, group_id, session_timeout_ms)"));
-                        }
-                    }
-                    if !self.tables.values().any(|t| &t.source == name) {
-                        out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
-                    }
+                    let own = |t: &str| self.tables.get(t).is_some_and(|t| &t.source == name);
+                    d.validate(&p, name, &own, &mut out);
                 }
+            }
+            if !self.tables.values().any(|t| &t.source == name) {
+                out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
             }
         }
         for (name, t) in &self.tables {
@@ -616,41 +288,10 @@ impl Config {
         }
         for (name, sink) in &self.sinks {
             check_ident(&mut out, &format!("sinks.{name}"), name);
+            let p = format!("sinks.{name}");
             match sink {
-                SinkConfig::Redis(r) => {
-                    if !r.url.expose().starts_with("redis://") && !r.url.expose().starts_with("rediss://") {
-                        out.push(format!("sinks.{name}.url: must start with redis:// or rediss://"));
-                    }
-                    if r.pipeline == 0 {
-                        out.push(format!("sinks.{name}.pipeline: must be at least 1"));
-                    }
-                    if let Some(ca) = &r.ca_file {
-                        if !r.url.expose().starts_with("rediss://") {
-                            out.push(format!("sinks.{name}.ca_file: only for TLS; use a rediss:// URL"));
-                        }
-                        if let Err(e) = viewkeeper_connectors::tls::load_roots(ca) {
-                            out.push(format!("sinks.{name}.ca_file: {e}"));
-                        }
-                    }
-                }
-                SinkConfig::Elasticsearch(e) => {
-                    if !e.url.expose().starts_with("http://") && !e.url.expose().starts_with("https://") {
-                        out.push(format!("sinks.{name}.url: must start with http:// or https://"));
-                    }
-                    if let Some(ca) = &e.ca_file {
-                        if !e.url.expose().starts_with("https://") {
-                            out.push(format!("sinks.{name}.ca_file: only for HTTPS; use an https:// URL"));
-                        }
-                        if let Err(err) = viewkeeper_connectors::tls::load_roots(ca) {
-                            out.push(format!("sinks.{name}.ca_file: {err}"));
-                        }
-                    }
-                    if e.api_key.is_some() && e.url.redacted() != *e.url.expose() {
-                        out.push(format!(
-                            "sinks.{name}.api_key: give either an API key or a user and password in the URL, not both"
-                        ));
-                    }
-                }
+                SinkConfig::Redis(r) => r.validate(&p, &mut out),
+                SinkConfig::Elasticsearch(e) => e.validate(&p, &mut out),
                 SinkConfig::Blackhole(_) => {}
             }
         }

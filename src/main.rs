@@ -169,7 +169,13 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    use viewkeeper::commands::{backfill, dlq, rebuild, run, status, verify};
     let cli = Cli::parse();
+    let load = |config: &PathBuf, data_dir: Option<PathBuf>| -> anyhow::Result<(Config, PathBuf)> {
+        let cfg = Config::load(config)?;
+        let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
+        Ok((cfg, dir))
+    };
     match cli.cmd {
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
@@ -178,10 +184,8 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { config, data_dir, json } => {
-            let cfg = Config::load(&config)?;
-            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(viewkeeper::admin::status(&cfg, &dir, json))
+            let (cfg, dir) = load(&config, data_dir)?;
+            runtime(false)?.block_on(status::status(&cfg, &dir, json))
         }
         Cmd::Dlq {
             cmd:
@@ -192,16 +196,14 @@ fn real_main() -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let cfg = Config::load(&config)?;
-            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            viewkeeper::admin::dlq_list(&cfg, &dir, limit, json)
+            let (cfg, dir) = load(&config, data_dir)?;
+            dlq::dlq_list(&cfg, &dir, limit, json)
         }
         Cmd::Dlq {
             cmd: DlqCmd::Show { config, data_dir, id },
         } => {
-            let cfg = Config::load(&config)?;
-            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            viewkeeper::admin::dlq_show(&cfg, &dir, id)
+            let (cfg, dir) = load(&config, data_dir)?;
+            dlq::dlq_show(&cfg, &dir, id)
         }
         Cmd::Verify {
             config,
@@ -210,16 +212,8 @@ fn real_main() -> anyhow::Result<()> {
             repair,
             json,
         } => {
-            let cfg = Config::load(&config)?;
-            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let clean = rt.block_on(viewkeeper::verify::verify(
-                &cfg,
-                &dir,
-                projection.as_deref(),
-                repair,
-                json,
-            ))?;
+            let (cfg, dir) = load(&config, data_dir)?;
+            let clean = runtime(true)?.block_on(verify::verify(&cfg, &dir, projection.as_deref(), repair, json))?;
             if !clean {
                 anyhow::bail!("the read models differ from the sources (listed above)");
             }
@@ -234,18 +228,11 @@ fn real_main() -> anyhow::Result<()> {
                     ids,
                 },
         } => {
-            let cfg = Config::load(&config)?;
-            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let (cfg, dir) = load(&config, data_dir)?;
             let ids = (!all).then_some(ids);
-            let (replayed, kept) = rt.block_on(async move {
-                let shutdown = CancellationToken::new();
-                let sd = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    sd.cancel();
-                });
-                viewkeeper::worker::dlq_replay(cfg, &dir, ids, shutdown).await
+            let (replayed, kept) = runtime(true)?.block_on(async move {
+                let shutdown = stop_on_signal();
+                dlq::dlq_replay(cfg, &dir, ids, shutdown).await
             })?;
             println!("replayed {replayed}, still failing {kept}");
             if kept > 0 {
@@ -263,78 +250,68 @@ fn real_main() -> anyhow::Result<()> {
                     yes,
                 },
         } => {
-            let cfg = Config::load(&config)?;
-            let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-            viewkeeper::admin::dlq_drop(&cfg, &dir, (!all).then_some(ids), yes)
+            let (cfg, dir) = load(&config, data_dir)?;
+            dlq::dlq_drop(&cfg, &dir, (!all).then_some(ids), yes)
         }
         Cmd::Slot {
             cmd: SlotCmd::List { config, json },
         } => {
             let cfg = Config::load(&config)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(viewkeeper::admin::slot_list(&cfg, json))
+            runtime(false)?.block_on(status::slot_list(&cfg, json))
         }
         Cmd::Slot {
             cmd: SlotCmd::Drop { config, source, yes },
         } => {
             let cfg = Config::load(&config)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(viewkeeper::admin::slot_drop(&cfg, &source, yes))
+            runtime(false)?.block_on(status::slot_drop(&cfg, &source, yes))
         }
-        Cmd::Run { config, data_dir } => run(config, data_dir, viewkeeper::worker::Mode::Run),
+        Cmd::Run { config, data_dir } => {
+            let (cfg, dir) = load(&config, data_dir)?;
+            runtime(true)?.block_on(async move {
+                run::run(&cfg, &dir, run::Mode::Run, stop_on_signal(), None)
+                    .await
+                    .map(|_| ())
+            })
+        }
         Cmd::Backfill {
             config,
             data_dir,
             projection: None,
             ..
-        } => run(config, data_dir, viewkeeper::worker::Mode::Backfill),
+        } => {
+            let (cfg, dir) = load(&config, data_dir)?;
+            runtime(true)?.block_on(async move { backfill::backfill(&cfg, &dir, stop_on_signal()).await })
+        }
         Cmd::Backfill {
             config,
             data_dir,
             projection: Some(p),
             rebuild,
-        } => run(
-            config,
-            data_dir,
-            viewkeeper::worker::Mode::Rebuild {
-                projection: p,
-                new_index: rebuild,
-            },
-        ),
-    }
-}
-
-/// Runs the worker (or the backfill) on a multi-threaded runtime until it ends or a
-/// SIGTERM/SIGINT asks it to stop.
-fn run(config: PathBuf, data_dir: Option<PathBuf>, mode: viewkeeper::worker::Mode) -> anyhow::Result<()> {
-    let cfg = Config::load(&config)?;
-    let data_dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown signal received");
-            sd.cancel();
-        });
-        match mode {
-            viewkeeper::worker::Mode::Rebuild { projection, new_index } => {
-                viewkeeper::worker::rebuild(cfg, &data_dir, &projection, new_index, shutdown).await
-            }
-            mode => viewkeeper::worker::run(cfg, &data_dir, mode, shutdown).await,
+        } => {
+            let (cfg, dir) = load(&config, data_dir)?;
+            runtime(true)?.block_on(async move { rebuild::rebuild(&cfg, &dir, &p, rebuild, stop_on_signal()).await })
         }
-    })
+    }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// A tokio runtime: multi-threaded for the worker and the commands that write.
+fn runtime(multi: bool) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().context("starting the runtime")
+}
+
+/// A token cancelled by SIGTERM or SIGINT (call inside the runtime).
+fn stop_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        viewkeeper::commands::signal().await;
+        tracing::info!("shutdown signal received");
+        sd.cancel();
+    });
+    shutdown
 }

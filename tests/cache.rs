@@ -478,9 +478,10 @@ async fn http_listener_serves_health_readiness_and_metrics() {
         (get("/readyz").await.ok()?.status() == 200).then_some(())
     })
     .await;
-    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
-    for name in [
-        "viewkeeper_changes_applied_total",
+    // A batch's counters and gauges are set once it is checkpointed, a moment after its
+    // documents are in the sink: wait for them rather than read once.
+    let names = [
+        "viewkeeper_changes_applied_total 1",
         "viewkeeper_batches_total",
         "viewkeeper_documents_written_total{projection=\"ordering_products\"}",
         "viewkeeper_sink_write_seconds_bucket",
@@ -489,8 +490,19 @@ async fn http_listener_serves_health_readiness_and_metrics() {
         "viewkeeper_replication_lag_bytes{source=\"catalog\"}",
         "viewkeeper_replication_lag_seconds{source=\"catalog\"}",
         "viewkeeper_state_store_bytes",
-    ] {
-        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    ];
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let text = get("/metrics").await.unwrap().text().await.unwrap();
+        let missing: Vec<&&str> = names.iter().filter(|n| !text.contains(**n)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{missing:?} missing from:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -4,9 +4,9 @@
 //! the CI form; e.g. `PROPTEST_CASES=200000` for a long run). A failing input is shrunk and
 //! saved under `proptest-regressions/`, and replayed first on every later run.
 
-use crate::debezium::{decode as dbz_decode, ColumnType, TopicTable};
-use crate::postgres::pgoutput;
-use crate::postgres::values::{oid, text_to_json};
+use crate::sources::debezium::{decode as dbz_decode, ColumnType, TopicTable};
+use crate::sources::postgres::pgoutput;
+use crate::sources::postgres::values::{oid, text_to_json};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 

@@ -1,10 +1,10 @@
 //! An in-memory [`RowLookup`]: a plain map of rows. Used by unit tests and by tools
 //! that render from rows read elsewhere (e.g. `verify`'s ground truth).
 
-use crate::model::{Key, Row, StoredRow, Tombstone};
 use crate::render::{LookupError, RowLookup};
 use serde_json::Value;
 use std::collections::BTreeMap;
+use viewkeeper_core::model::{Key, Row, StoredRow, Tombstone};
 
 #[derive(Default, Debug, Clone)]
 pub struct MemRows {

@@ -12,11 +12,11 @@
 //! * A nested one-to-one row that is a tombstone keeps its last image and shows it:
 //!   the relation's `flag` field (always present), or else `deleted: true`.
 
-use crate::model::{format_ms, Key, Row, StoredRow, TombstoneKind};
 use crate::spec::{parse_template, Cardinality, OnDelete, ProjectionSpec, RelationSpec, TableSpec, TemplatePart};
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
+use viewkeeper_core::model::{format_ms, Key, Row, StoredRow, TombstoneKind};
 
 /// Row access for rendering and fan-out.
 pub trait RowLookup {

@@ -1,11 +1,11 @@
 //! Rendering and fan-out over in-memory rows: no server involved.
 
 use crate::mem::MemRows;
-use crate::model::{Key, Row, Tombstone, TombstoneKind};
 use crate::render::Projection;
 use crate::spec::{ProjectionSpec, TableSpec};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use viewkeeper_core::model::{Key, Row, Tombstone, TombstoneKind};
 
 fn row(v: Value) -> Row {
     v.as_object().unwrap().clone()
@@ -312,7 +312,7 @@ fn deleted_customer_keeps_snapshot_and_shows_deleted() {
 struct Counting<'a>(&'a MemRows, std::cell::Cell<usize>);
 
 impl crate::render::RowLookup for Counting<'_> {
-    fn get(&self, t: &str, k: &Key) -> Result<Option<crate::model::StoredRow>, crate::render::LookupError> {
+    fn get(&self, t: &str, k: &Key) -> Result<Option<viewkeeper_core::model::StoredRow>, crate::render::LookupError> {
         self.1.set(self.1.get() + 1);
         self.0.get(t, k)
     }
@@ -321,7 +321,7 @@ impl crate::render::RowLookup for Counting<'_> {
         t: &str,
         c: &[String],
         v: &[Value],
-    ) -> Result<Vec<crate::model::StoredRow>, crate::render::LookupError> {
+    ) -> Result<Vec<viewkeeper_core::model::StoredRow>, crate::render::LookupError> {
         self.0.find(t, c, v)
     }
 }

@@ -5,8 +5,9 @@
 use super::{meta_get, meta_set, now_ms, Store, StoreError, StoreTx};
 use rusqlite::{params, OptionalExtension};
 use std::collections::{BTreeMap, HashMap};
-use viewkeeper_connectors::source::{SnapshotMark, TableProgress};
-use viewkeeper_projections::model::{Key, Position};
+use viewkeeper_core::model::Key;
+use viewkeeper_core::source::{SnapshotMark, TableProgress};
+use viewkeeper_core::Checkpoint;
 
 /// Documents still to write: projection → root keys, with the newest batch tag among them.
 #[derive(Debug, Default, PartialEq)]
@@ -16,15 +17,16 @@ pub struct Pending {
 }
 
 impl Store {
-    pub fn checkpoint(&self, source: &str) -> Result<Option<Position>, StoreError> {
+    pub fn checkpoint(&self, source: &str) -> Result<Option<Checkpoint>, StoreError> {
         Ok(self
             .conn
             .query_row(
-                "SELECT pos_major, pos_minor FROM checkpoints WHERE source = ?1",
+                "SELECT kind, pos_major FROM checkpoints WHERE source = ?1",
                 params![source],
-                |r| Ok(Position::new(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
             )
-            .optional()?)
+            .optional()?
+            .and_then(|(kind, v)| Checkpoint::from_parts(&kind, v)))
     }
 
     /// When the checkpoint of `source` last advanced (unix ms).
@@ -44,17 +46,17 @@ impl Store {
     /// up to `written_through` are written. Call only then.
     pub fn set_checkpoints(
         &mut self,
-        positions: &BTreeMap<String, Position>,
+        positions: &BTreeMap<String, Checkpoint>,
         written_through: Option<u64>,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
-            for (source, p) in positions {
+            for (source, cp) in positions {
                 tx.execute(
-                    "INSERT INTO checkpoints(source, pos_major, pos_minor, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                    "INSERT INTO checkpoints(source, pos_major, pos_minor, updated_ms, kind) VALUES (?1, ?2, 0, ?3, ?4)
                      ON CONFLICT(source) DO UPDATE SET pos_major = excluded.pos_major,
-                       pos_minor = excluded.pos_minor, updated_ms = excluded.updated_ms
-                     WHERE (excluded.pos_major, excluded.pos_minor) > (checkpoints.pos_major, checkpoints.pos_minor)",
-                    params![source, p.major as i64, p.minor as i64, now_ms()],
+                       updated_ms = excluded.updated_ms, kind = excluded.kind
+                     WHERE excluded.pos_major > checkpoints.pos_major",
+                    params![source, cp.value() as i64, now_ms(), cp.kind()],
                 )?;
             }
             if let Some(t) = written_through {

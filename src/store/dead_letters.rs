@@ -3,21 +3,7 @@
 
 use super::{now_ms, Store, StoreError, StoreTx};
 use rusqlite::{params, Connection, OptionalExtension};
-
-/// A dead letter: data that could not apply, with where it came from and why.
-/// `id` and `at_ms` are assigned on insert (0 means "now").
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub at_ms: i64,
-    pub source: String,
-    pub position: String,
-    pub table: String,
-    pub key: String,
-    pub stage: String,
-    pub reason: String,
-    pub payload: String,
-}
+use viewkeeper_core::{DeadLetter, Stage};
 
 const DEAD_LETTER_SELECT: &str =
     "SELECT id, at_ms, source, position, tbl, key, stage, reason, payload FROM dead_letters";
@@ -31,7 +17,9 @@ fn dead_letter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
         position: r.get(3)?,
         table: r.get(4)?,
         key: r.get(5)?,
-        stage: r.get(6)?,
+        // A stage this version does not know (written by a newer one) reads as a decode
+        // letter: kept, never lost.
+        stage: r.get::<_, String>(6)?.parse::<Stage>().unwrap_or_default(),
         reason: r.get(7)?,
         payload: r.get(8)?,
     })
@@ -49,7 +37,7 @@ fn insert_dead_letters(conn: &Connection, letters: &[DeadLetter]) -> Result<(), 
             d.position,
             d.table,
             d.key,
-            d.stage,
+            d.stage.to_string(),
             d.reason,
             d.payload
         ])?;

@@ -6,7 +6,7 @@ use super::rows::{cols_key, decode_row};
 use super::{Catalog, Store, StoreTx};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
-use viewkeeper_projections::model::{Key, Position, StoredRow};
+use viewkeeper_core::model::{Key, Position, StoredRow};
 
 /// The commit time of the first TRUNCATE of the row's table after the row's position
 /// (NULL: none), so a row older than a TRUNCATE reads as deleted.

@@ -31,9 +31,7 @@
 
 use super::StoreError;
 use std::collections::BTreeSet;
-use viewkeeper_projections::model::{
-    Cell, Change, Key, Op, Origin, Position, Row, StoredRow, Tombstone, TombstoneKind,
-};
+use viewkeeper_core::model::{Cell, Change, Key, Op, Origin, Position, Row, StoredRow, Tombstone, TombstoneKind};
 use viewkeeper_projections::spec::TableSpec;
 
 /// A stored row with the position (and log place) of the change that wrote it.

@@ -31,9 +31,9 @@ mod rows;
 pub mod shape;
 
 pub use checkpoints::Pending;
-pub use dead_letters::DeadLetter;
 pub use merge::Applied;
 pub use shape::{ShapeError, WorkerLock};
+pub use viewkeeper_core::DeadLetter;
 
 use rusqlite::{params, Connection, OpenFlags, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
@@ -75,6 +75,8 @@ pub struct Catalog {
 pub struct Store {
     conn: Connection,
     catalog: Catalog,
+    /// The data dir (for [`Store::reader`]).
+    dir: std::path::PathBuf,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -126,17 +128,21 @@ fn open_conn(dir: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(SCHEMA)?;
-    // Stores written before rows remembered their log place.
-    let has_origin: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM pragma_table_info('rows') WHERE name = 'origin'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_origin {
+    conn.execute_batch(SCHEMA)?; // Stores written before rows remembered their log place, and checkpoints their kind.
+    let has = |table: &str, column: &str| -> Result<bool, rusqlite::Error> {
+        conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get(0),
+        )
+    };
+    if !has("rows", "origin")? {
         conn.execute_batch(
             "ALTER TABLE rows ADD COLUMN origin TEXT; ALTER TABLE rows ADD COLUMN origin_offset INTEGER;",
         )?;
+    }
+    if !has("checkpoints", "kind")? {
+        conn.execute_batch("ALTER TABLE checkpoints ADD COLUMN kind TEXT NOT NULL DEFAULT 'lsn';")?;
     }
     Ok(conn)
 }
@@ -148,7 +154,11 @@ impl Store {
     /// [`Store::shape_growth`] for columns.
     pub fn open(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
         let conn = open_conn(dir)?;
-        let mut store = Store { conn, catalog };
+        let mut store = Store {
+            conn,
+            catalog,
+            dir: dir.to_path_buf(),
+        };
         store.sync_indexes()?;
         Ok(store)
     }
@@ -158,7 +168,11 @@ impl Store {
     /// columns or indexes the store does not keep is refused with the reason.
     pub fn open_beside(dir: &Path, catalog: Catalog) -> Result<Store, StoreError> {
         let conn = open_conn(dir)?;
-        let store = Store { conn, catalog };
+        let store = Store {
+            conn,
+            catalog,
+            dir: dir.to_path_buf(),
+        };
         store.check_fits()?;
         Ok(store)
     }
@@ -173,7 +187,16 @@ impl Store {
                 source: e,
             })?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        Ok(Store { conn, catalog })
+        Ok(Store {
+            conn,
+            catalog,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Another read-only connection to the same file (a renderer on another thread).
+    pub fn reader(&self) -> Result<Store, StoreError> {
+        Store::open_read_only(&self.dir, self.catalog.clone())
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -223,12 +246,12 @@ impl Store {
     }
 
     /// Keys of every stored row of `table`.
-    pub fn keys(&self, table: &str) -> Result<Vec<viewkeeper_projections::model::Key>, StoreError> {
+    pub fn keys(&self, table: &str) -> Result<Vec<viewkeeper_core::model::Key>, StoreError> {
         rows::keys(&self.conn, table)
     }
 
     /// Keys of up to `limit` stored rows of `table` that are not tombstones.
-    pub fn live_keys(&self, table: &str, limit: usize) -> Result<Vec<viewkeeper_projections::model::Key>, StoreError> {
+    pub fn live_keys(&self, table: &str, limit: usize) -> Result<Vec<viewkeeper_core::model::Key>, StoreError> {
         rows::live_keys(&self.conn, table, limit)
     }
 

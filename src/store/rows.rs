@@ -7,7 +7,7 @@ use super::{meta_get, meta_set, Store, StoreError, StoreTx};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use viewkeeper_projections::model::{Change, Key, Origin, Position, Row, StoredRow, Tombstone, TombstoneKind};
+use viewkeeper_core::model::{Change, Key, Origin, Position, Row, StoredRow, Tombstone, TombstoneKind};
 
 pub(super) fn cols_key(cols: &[String]) -> String {
     cols.join(",")

@@ -2,7 +2,8 @@
 
 use super::*;
 use serde_json::{json, Value};
-use viewkeeper_projections::model::{format_ms, Cell, Change, Key, Op, Position, StoredRow, TombstoneKind};
+use viewkeeper_core::model::{format_ms, Cell, Change, Key, Op, Position, StoredRow, TombstoneKind};
+use viewkeeper_core::Checkpoint;
 use viewkeeper_projections::render::RowLookup;
 use viewkeeper_projections::spec::Condition;
 
@@ -325,13 +326,13 @@ fn checkpoints_only_move_forward_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut s = Store::open(dir.path(), catalog()).unwrap();
-        s.set_checkpoints(&[("catalog".to_string(), Position::new(100, 0))].into(), None)
+        s.set_checkpoints(&[("catalog".to_string(), Checkpoint::Lsn(100))].into(), None)
             .unwrap();
-        s.set_checkpoints(&[("catalog".to_string(), Position::new(50, 0))].into(), None)
+        s.set_checkpoints(&[("catalog".to_string(), Checkpoint::Lsn(50))].into(), None)
             .unwrap();
     }
     let s = Store::open_read_only(dir.path(), catalog()).unwrap();
-    assert_eq!(s.checkpoint("catalog").unwrap(), Some(Position::new(100, 0)));
+    assert_eq!(s.checkpoint("catalog").unwrap(), Some(Checkpoint::Lsn(100)));
     assert_eq!(s.checkpoint("nope").unwrap(), None);
 }
 
@@ -441,7 +442,7 @@ fn pending_roots_survive_until_their_batch_is_checkpointed() {
     assert_eq!(p.through, 11);
     assert_eq!(p.roots["p"], vec![k(1), k(2), k(3)]);
     // Batch 10 durable: what batch 11 also wrote stays.
-    s.set_checkpoints(&[("catalog".to_string(), Position::new(5, 0))].into(), Some(10))
+    s.set_checkpoints(&[("catalog".to_string(), Checkpoint::Lsn(5))].into(), Some(10))
         .unwrap();
     let p = s.pending().unwrap();
     assert_eq!(p.roots["p"], vec![k(2), k(3)]);

@@ -1,0 +1,579 @@
+//! Conversion of one column value of a Debezium change event (as Kafka's JsonConverter
+//! writes it) into the project's value conventions, given the column's [`ColumnType`].
+//!
+//! Contract: pure (no I/O, no global state) and never panics, whatever the input. The
+//! output is what the pgoutput source produces for the same Postgres column (see
+//! `crate::sources::postgres::values`), except where listed below, so a read model renders a row
+//! the same way whichever source delivered it:
+//!
+//! | Debezium (Connect) type | JSON |
+//! |---|---|
+//! | `org.apache.kafka.connect.data.Decimal` (base64 big-endian two's-complement unscaled integer, `scale` parameter) | exact decimal text as a string, scale kept: `"12.50"` |
+//! | `io.debezium.data.VariableScaleDecimal` (`{scale, value}`) | same |
+//! | decimal in `decimal.handling.mode=string` / `double` | kept as sent (string / number) |
+//! | `io.debezium.time.Date`, connect `Date` (days since epoch) | `"YYYY-MM-DD"` |
+//! | `io.debezium.time.Time` (ms), `MicroTime` (µs), `NanoTime` (ns), connect `Time` | `"HH:MM:SS[.f]"` |
+//! | `io.debezium.time.Timestamp` (ms), `MicroTimestamp`, `NanoTimestamp`, connect `Timestamp` | `"YYYY-MM-DDTHH:MM:SS[.f]"` (no offset: a `timestamp without time zone`) |
+//! | `io.debezium.time.ZonedTimestamp` (ISO-8601 string) | converted to UTC: `"YYYY-MM-DDTHH:MM:SS[.f]+00:00"` |
+//! | `io.debezium.time.ZonedTime`, `io.debezium.data.Uuid`, `Year`, intervals, enums, … | kept as sent |
+//! | `io.debezium.data.Json` (a string holding JSON) | parsed JSON |
+//! | `bytes` (base64 in JSON) | kept: standard base64 (validated) |
+//! | `io.debezium.data.Bits` (little-endian bytes, `length` parameter) | the bit string, `"101"` (`bit(1)` arrives as a boolean: kept) |
+//! | `array` | JSON array of the converted elements |
+//!
+//! Fractions of a second are printed with trailing zeros removed (as Postgres prints
+//! them) and omitted when zero. Years before 1 AD use Postgres's own text
+//! (`"0044-03-15 BC"`, `"0044-03-15 12:00:00 BC"`), which the pgoutput source passes on
+//! unchanged. `null` is `null` for every type.
+//!
+//! Where the pgoutput source and this one still differ (Debezium loses the information
+//! or its configuration decides): `timetz` (Debezium sends it in UTC, `…Z`), `varbit`
+//! (padded to the declared length), intervals (`interval.handling.mode`), decimals in
+//! `double` mode (a JSON number), `time.precision.mode=connect` (millisecond precision),
+//! and messages without schemas whose typed columns have no hint (kept as sent: a
+//! precise-mode decimal stays base64, a timestamp stays a number).
+//!
+//! The TOAST placeholder [`UNAVAILABLE_VALUE`], its base64 form for bytes
+//! ([`UNAVAILABLE_VALUE_BASE64`]) and a one-element array holding either become
+//! [`Cell::Unchanged`]. The base64 form counts only for columns that are bytes, bits or of
+//! unknown type, so that a text column can never be mistaken for it.
+
+use super::decimal::decimal;
+pub use super::decimal::unscaled_to_decimal;
+use super::time::{format_date, time_of_day, timestamp, zoned_timestamp};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use viewkeeper_core::model::Cell;
+
+/// Debezium's default `unavailable.value.placeholder`: the value of a column whose
+/// unchanged TOASTed value Postgres did not send.
+pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
+/// [`UNAVAILABLE_VALUE`] as a bytes column carries it (base64 of its UTF-8 bytes).
+pub const UNAVAILABLE_VALUE_BASE64: &str = "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==";
+/// Largest accepted decimal scale (either sign): Postgres's maximum display scale.
+pub const MAX_SCALE: u32 = 16_383;
+/// Largest accepted `io.debezium.data.Bits` length: Postgres's maximum bit length.
+pub const MAX_BITS: u32 = 83_886_080;
+
+/// How a column's JSON value is to be read: from the field's Connect schema (see
+/// [`ColumnType::from_schema`]), or, for messages without schemas, from a configured
+/// hint (`TopicTable::column_types`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColumnType {
+    /// No schema and no hint: kept as sent (any placeholder form is still `Unchanged`).
+    Unknown,
+    /// A schema type without a logical name (string, integers, floats, boolean, struct,
+    /// map): kept as sent.
+    Plain,
+    /// `bytes`: standard base64 text, kept.
+    Bytes,
+    /// A decimal. `scale: Some(s)`: `org.apache.kafka.connect.data.Decimal`, a base64
+    /// unscaled integer with scale `s` (negative scales multiply by a power of ten).
+    /// `scale: None`: `io.debezium.data.VariableScaleDecimal` `{scale, value}`, or (for a
+    /// hint) decimal text in `decimal.handling.mode=string`. JSON numbers
+    /// (`decimal.handling.mode=double`) are kept for both.
+    Decimal { scale: Option<i32> },
+    /// Days since the epoch.
+    Date,
+    /// Milliseconds since midnight.
+    Time,
+    /// Microseconds since midnight.
+    MicroTime,
+    /// Nanoseconds since midnight.
+    NanoTime,
+    /// Milliseconds since the epoch, no time zone.
+    Timestamp,
+    /// Microseconds since the epoch, no time zone.
+    MicroTimestamp,
+    /// Nanoseconds since the epoch, no time zone.
+    NanoTimestamp,
+    /// ISO-8601 timestamp with an offset.
+    ZonedTimestamp,
+    /// ISO-8601 time with an offset: kept.
+    ZonedTime,
+    /// A year number: kept.
+    Year,
+    /// A string holding JSON.
+    Json,
+    /// A UUID string: kept.
+    Uuid,
+    /// A bit string; `length` is the declared number of bits.
+    Bits { length: Option<u32> },
+    /// An array of elements of the given type.
+    Array(Box<ColumnType>),
+}
+
+impl ColumnType {
+    /// A configured hint for messages without schemas: `decimal(S)` (precise decimals,
+    /// base64 unscaled with scale `S`), `decimal` (string mode or `VariableScaleDecimal`),
+    /// `date`, `time`, `micro_time`, `nano_time`, `timestamp`, `micro_timestamp`,
+    /// `nano_timestamp`, `zoned_timestamp`, `json`, `uuid`, `bytes`, or `T[]` for arrays.
+    pub fn from_hint(hint: &str) -> Result<ColumnType, String> {
+        let h = hint.trim();
+        if let Some(elem) = h.strip_suffix("[]") {
+            return Ok(ColumnType::Array(Box::new(ColumnType::from_hint(elem)?)));
+        }
+        if let Some(scale) = h.strip_prefix("decimal(").and_then(|r| r.strip_suffix(')')) {
+            let scale: i32 = scale
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{hint}': the scale must be an integer, e.g. decimal(2)"))?;
+            if scale.unsigned_abs() > MAX_SCALE {
+                return Err(format!("'{hint}': scale beyond {MAX_SCALE}"));
+            }
+            return Ok(ColumnType::Decimal { scale: Some(scale) });
+        }
+        Ok(match h {
+            "decimal" => ColumnType::Decimal { scale: None },
+            "date" => ColumnType::Date,
+            "time" => ColumnType::Time,
+            "micro_time" => ColumnType::MicroTime,
+            "nano_time" => ColumnType::NanoTime,
+            "timestamp" => ColumnType::Timestamp,
+            "micro_timestamp" => ColumnType::MicroTimestamp,
+            "nano_timestamp" => ColumnType::NanoTimestamp,
+            "zoned_timestamp" => ColumnType::ZonedTimestamp,
+            "json" => ColumnType::Json,
+            "uuid" => ColumnType::Uuid,
+            "bytes" => ColumnType::Bytes,
+            _ => {
+                return Err(format!(
+                    "unknown column type '{hint}' (expected decimal(S), decimal, date, time, micro_time, nano_time, timestamp, \
+                     micro_timestamp, nano_timestamp, zoned_timestamp, json, uuid, bytes, or T[])"
+                ))
+            }
+        })
+    }
+
+    /// The type of one field of a Connect struct schema as JsonConverter writes it
+    /// (`{"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal",
+    /// "parameters": {"scale": "2"}, "field": "price"}`). Unknown logical names are
+    /// [`ColumnType::Plain`]; the error is for known ones with bad parameters.
+    pub fn from_schema(schema: &Value) -> Result<ColumnType, String> {
+        match schema.as_object() {
+            Some(obj) => ColumnType::from_schema_object(obj),
+            None => Err(format!("field schema is {}, not an object", kind_of(schema))),
+        }
+    }
+
+    /// [`ColumnType::from_schema`] of a schema object.
+    pub fn from_schema_object(obj: &Map<String, Value>) -> Result<ColumnType, String> {
+        let name = obj.get("name").and_then(Value::as_str).unwrap_or_default();
+        Ok(match name {
+            "org.apache.kafka.connect.data.Decimal" => ColumnType::Decimal {
+                scale: Some(scale_parameter(obj)?),
+            },
+            "io.debezium.data.VariableScaleDecimal" => ColumnType::Decimal { scale: None },
+            "io.debezium.time.Date" | "org.apache.kafka.connect.data.Date" => ColumnType::Date,
+            "io.debezium.time.Time" | "org.apache.kafka.connect.data.Time" => ColumnType::Time,
+            "io.debezium.time.MicroTime" => ColumnType::MicroTime,
+            "io.debezium.time.NanoTime" => ColumnType::NanoTime,
+            "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp" => ColumnType::Timestamp,
+            "io.debezium.time.MicroTimestamp" => ColumnType::MicroTimestamp,
+            "io.debezium.time.NanoTimestamp" => ColumnType::NanoTimestamp,
+            "io.debezium.time.ZonedTimestamp" => ColumnType::ZonedTimestamp,
+            "io.debezium.time.ZonedTime" => ColumnType::ZonedTime,
+            "io.debezium.time.Year" => ColumnType::Year,
+            "io.debezium.data.Json" => ColumnType::Json,
+            "io.debezium.data.Uuid" => ColumnType::Uuid,
+            "io.debezium.data.Bits" => ColumnType::Bits {
+                length: length_parameter(obj)?,
+            },
+            _ => match obj.get("type").and_then(Value::as_str) {
+                Some("bytes") => ColumnType::Bytes,
+                Some("array") => ColumnType::Array(Box::new(match obj.get("items") {
+                    Some(items) => ColumnType::from_schema(items).map_err(|e| format!("array items: {e}"))?,
+                    None => ColumnType::Plain,
+                })),
+                _ => ColumnType::Plain,
+            },
+        })
+    }
+}
+
+fn parameter<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get("parameters")
+        .and_then(Value::as_object)
+        .and_then(|p| p.get(name))
+}
+
+/// Connect writes parameters as strings (`"scale": "2"`); numbers are accepted too.
+fn int_parameter(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, String> {
+    match parameter(obj, name) {
+        None => Ok(None),
+        Some(v) => lenient_i64(v)
+            .map(Some)
+            .ok_or_else(|| format!("parameter {name} is {v}, not an integer")),
+    }
+}
+
+fn scale_parameter(obj: &Map<String, Value>) -> Result<i32, String> {
+    let scale = int_parameter(obj, "scale")?.ok_or("Decimal schema without a scale parameter")?;
+    check_scale(scale)
+}
+
+fn length_parameter(obj: &Map<String, Value>) -> Result<Option<u32>, String> {
+    match int_parameter(obj, "length")? {
+        None => Ok(None),
+        Some(n) => match u32::try_from(n) {
+            Ok(n) if n <= MAX_BITS => Ok(Some(n)),
+            _ => Err(format!("Bits length {n} is out of range 0..={MAX_BITS}")),
+        },
+    }
+}
+
+pub(crate) fn check_scale(scale: i64) -> Result<i32, String> {
+    match i32::try_from(scale) {
+        Ok(s) if s.unsigned_abs() <= MAX_SCALE => Ok(s),
+        _ => Err(format!("decimal scale {scale} is out of range ±{MAX_SCALE}")),
+    }
+}
+
+/// An integer, or a string holding one (Connect parameters, lenient envelope fields).
+pub(crate) fn lenient_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A short name of a JSON value's kind, for error messages.
+pub(crate) fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Converts one column value; the error says what is wrong with it.
+pub fn convert(value: &Value, ty: &ColumnType) -> Result<Cell, String> {
+    if is_unavailable(value, ty) {
+        return Ok(Cell::Unchanged);
+    }
+    to_json(value, ty).map(Cell::Value)
+}
+
+fn is_placeholder(value: &Value, ty: &ColumnType) -> bool {
+    match value {
+        Value::String(s) => {
+            s == UNAVAILABLE_VALUE
+                || (s == UNAVAILABLE_VALUE_BASE64
+                    && matches!(ty, ColumnType::Bytes | ColumnType::Bits { .. } | ColumnType::Unknown))
+        }
+        _ => false,
+    }
+}
+
+fn is_unavailable(value: &Value, ty: &ColumnType) -> bool {
+    match value {
+        Value::Array(items) => {
+            let element = match ty {
+                ColumnType::Array(e) => e,
+                _ => ty,
+            };
+            matches!(items.as_slice(), [only] if is_placeholder(only, element))
+        }
+        _ => is_placeholder(value, ty),
+    }
+}
+
+fn to_json(value: &Value, ty: &ColumnType) -> Result<Value, String> {
+    if value.is_null() {
+        return Ok(Value::Null);
+    }
+    let string = |what: &str| {
+        value
+            .as_str()
+            .ok_or_else(|| format!("expected {what}, found {}", kind_of(value)))
+    };
+    let integer = |what: &str| value.as_i64().ok_or_else(|| format!("expected {what}, found {value}"));
+    Ok(match ty {
+        ColumnType::Unknown | ColumnType::Plain => value.clone(),
+        ColumnType::Bytes => {
+            base64(string("a base64 string")?)?;
+            value.clone()
+        }
+        ColumnType::Decimal { scale } => decimal(value, *scale)?,
+        ColumnType::Date => Value::String(format_date(integer("days since the epoch")?)?),
+        ColumnType::Time => Value::String(time_of_day(integer("milliseconds since midnight")?, 1_000_000)?),
+        ColumnType::MicroTime => Value::String(time_of_day(integer("microseconds since midnight")?, 1_000)?),
+        ColumnType::NanoTime => Value::String(time_of_day(integer("nanoseconds since midnight")?, 1)?),
+        ColumnType::Timestamp => Value::String(timestamp(integer("milliseconds since the epoch")?, 1_000)?),
+        ColumnType::MicroTimestamp => Value::String(timestamp(integer("microseconds since the epoch")?, 1_000_000)?),
+        ColumnType::NanoTimestamp => Value::String(timestamp(integer("nanoseconds since the epoch")?, 1_000_000_000)?),
+        ColumnType::ZonedTimestamp => Value::String(zoned_timestamp(string("an ISO-8601 timestamp string")?)?),
+        ColumnType::ZonedTime | ColumnType::Uuid => {
+            string("a string")?;
+            value.clone()
+        }
+        ColumnType::Year => {
+            integer("a year")?;
+            value.clone()
+        }
+        ColumnType::Json => match value {
+            Value::String(s) => {
+                crate::sources::postgres::values::json_text(s).map_err(|e| format!("invalid JSON text: {e}"))?
+            }
+            // Already structured (a converter other than Debezium's string encoding).
+            _ => value.clone(),
+        },
+        ColumnType::Bits { length } => match value {
+            Value::Bool(_) => value.clone(),
+            _ => Value::String(bit_string(&base64(string("base64 bits")?)?, *length)),
+        },
+        ColumnType::Array(element) => match value {
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| to_json(v, element).map_err(|e| format!("element {}: {e}", i + 1)))
+                    .collect::<Result<_, _>>()?,
+            ),
+            _ => return Err(format!("expected an array, found {}", kind_of(value))),
+        },
+    })
+}
+
+pub(crate) fn base64(s: &str) -> Result<Vec<u8>, String> {
+    STANDARD
+        .decode(s)
+        .map_err(|e| format!("invalid base64 {:?}: {e}", cut(s)))
+}
+
+/// The first 40 characters of `s`, for error messages.
+pub(crate) fn cut(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((at, _)) => format!("{}…", s.get(..at).unwrap_or_default()),
+        None => s.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bits
+
+/// Debezium's bytes hold the bit string little-endian: its last character is bit 0 of
+/// byte 0. Missing trailing bytes are zero bits (Debezium trims them for `varbit`).
+fn bit_string(bytes: &[u8], length: Option<u32>) -> String {
+    let n = length.map_or(bytes.len().saturating_mul(8), |l| l as usize);
+    (0..n)
+        .map(|i| {
+            let bit = n - 1 - i;
+            let set = bytes.get(bit / 8).is_some_and(|b| (b >> (bit % 8)) & 1 == 1);
+            if set {
+                '1'
+            } else {
+                '0'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Converts `v` as `ty`, expecting a value (not an unchanged placeholder).
+    pub(crate) fn value(v: Value, ty: ColumnType) -> Value {
+        match convert(&v, &ty) {
+            Ok(Cell::Value(out)) => out,
+            other => panic!("{v} as {ty:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn configured_hints_parse_or_say_what_is_expected() {
+        let h = |s: &str| ColumnType::from_hint(s);
+        assert_eq!(h("decimal(2)"), Ok(ColumnType::Decimal { scale: Some(2) }));
+        assert_eq!(h(" decimal( -3 ) "), Ok(ColumnType::Decimal { scale: Some(-3) }));
+        assert_eq!(h("decimal"), Ok(ColumnType::Decimal { scale: None }));
+        assert_eq!(h("micro_timestamp"), Ok(ColumnType::MicroTimestamp));
+        assert_eq!(h("uuid[]"), Ok(ColumnType::Array(Box::new(ColumnType::Uuid))));
+        assert!(h("decimal(x)").unwrap_err().contains("integer"));
+        assert!(h("decimal(99999)").unwrap_err().contains("scale"));
+        assert!(h("money").unwrap_err().contains("unknown column type 'money'"));
+        // A hint decodes a precise decimal without a schema: 1234 unscaled, scale 2.
+        assert_eq!(value(json!("BNI="), h("decimal(2)").unwrap()), json!("12.34"));
+    }
+
+    #[test]
+    fn schema_fields_map_to_column_types() {
+        let t = |s: Value| ColumnType::from_schema(&s).unwrap();
+        assert_eq!(
+            t(json!({"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal",
+                     "parameters": {"scale": "4", "connect.decimal.precision": "19"}})),
+            ColumnType::Decimal { scale: Some(4) }
+        );
+        assert_eq!(
+            t(json!({"type": "struct", "name": "io.debezium.data.VariableScaleDecimal"})),
+            ColumnType::Decimal { scale: None }
+        );
+        assert_eq!(
+            t(json!({"type": "int64", "name": "io.debezium.time.MicroTimestamp"})),
+            ColumnType::MicroTimestamp
+        );
+        assert_eq!(
+            t(json!({"type": "int32", "name": "org.apache.kafka.connect.data.Date"})),
+            ColumnType::Date
+        );
+        assert_eq!(t(json!({"type": "bytes"})), ColumnType::Bytes);
+        assert_eq!(
+            t(json!({"type": "string", "name": "io.debezium.data.Enum"})),
+            ColumnType::Plain
+        );
+        assert_eq!(
+            t(json!({"type": "bytes", "name": "io.debezium.data.Bits", "parameters": {"length": "10"}})),
+            ColumnType::Bits { length: Some(10) }
+        );
+        assert_eq!(
+            t(json!({"type": "array", "items": {"type": "string", "name": "io.debezium.data.Json"}})),
+            ColumnType::Array(Box::new(ColumnType::Json))
+        );
+        for bad in [
+            json!("int32"),
+            json!({"name": "org.apache.kafka.connect.data.Decimal"}),
+            json!({"name": "org.apache.kafka.connect.data.Decimal", "parameters": {"scale": "two"}}),
+            json!({"name": "io.debezium.data.Bits", "parameters": {"length": -1}}),
+            json!({"type": "array", "items": 5}),
+        ] {
+            assert!(ColumnType::from_schema(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn other_logical_types() {
+        assert_eq!(value(json!("10:00:00.5Z"), ColumnType::ZonedTime), json!("10:00:00.5Z"));
+        assert_eq!(value(json!(2024), ColumnType::Year), json!(2024));
+        let u = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        assert_eq!(value(json!(u), ColumnType::Uuid), json!(u));
+        assert_eq!(
+            value(json!(r#"{"city": "Berlin", "zip": "10115"}"#), ColumnType::Json),
+            json!({"city": "Berlin", "zip": "10115"})
+        );
+        assert_eq!(value(json!({"a": 1}), ColumnType::Json), json!({"a": 1}));
+        assert!(convert(&json!("{not json"), &ColumnType::Json).is_err());
+        assert_eq!(value(json!("aGVsbG8="), ColumnType::Bytes), json!("aGVsbG8="));
+        assert!(convert(&json!("aGVsbG8"), &ColumnType::Bytes).is_err());
+        assert!(convert(&json!(5), &ColumnType::Bytes).is_err());
+        // b'101' → bits 0 and 2 of byte 0; b'1000000001' → [0x01, 0x02].
+        assert_eq!(value(json!("BQ=="), ColumnType::Bits { length: Some(3) }), json!("101"));
+        assert_eq!(
+            value(json!("AQI="), ColumnType::Bits { length: Some(10) }),
+            json!("1000000001")
+        );
+        assert_eq!(
+            value(json!("BQ=="), ColumnType::Bits { length: Some(12) }),
+            json!("000000000101")
+        );
+        assert_eq!(
+            value(json!("BQ=="), ColumnType::Bits { length: None }),
+            json!("00000101")
+        );
+        assert_eq!(value(json!(true), ColumnType::Bits { length: Some(1) }), json!(true));
+        assert_eq!(value(json!("x"), ColumnType::Plain), json!("x"));
+        assert_eq!(value(json!({"wkb": "AQ=="}), ColumnType::Plain), json!({"wkb": "AQ=="}));
+    }
+
+    #[test]
+    fn arrays_convert_each_element() {
+        let ty = ColumnType::Array(Box::new(ColumnType::Decimal { scale: Some(2) }));
+        assert_eq!(
+            value(json!(["BOI=", null, "+x4="]), ty.clone()),
+            json!(["12.50", null, "-12.50"])
+        );
+        assert_eq!(value(json!([]), ty.clone()), json!([]));
+        let e = convert(&json!(["BOI=", "!!"]), &ty).unwrap_err();
+        assert!(e.starts_with("element 2: invalid base64"), "{e}");
+        assert!(convert(&json!("BOI="), &ty).is_err());
+        let nested = ColumnType::Array(Box::new(ColumnType::Array(Box::new(ColumnType::Date))));
+        assert_eq!(value(json!([[0, 1]]), nested), json!([["1970-01-01", "1970-01-02"]]));
+    }
+
+    #[test]
+    fn toast_placeholders_are_unchanged() {
+        assert_eq!(
+            STANDARD.encode(UNAVAILABLE_VALUE),
+            UNAVAILABLE_VALUE_BASE64,
+            "the base64 form is the placeholder's bytes"
+        );
+        let text_array = ColumnType::Array(Box::new(ColumnType::Plain));
+        let bytea_array = ColumnType::Array(Box::new(ColumnType::Bytes));
+        for (v, ty) in [
+            (json!(UNAVAILABLE_VALUE), ColumnType::Plain),
+            (json!(UNAVAILABLE_VALUE), ColumnType::Json),
+            (json!(UNAVAILABLE_VALUE), ColumnType::Decimal { scale: Some(2) }),
+            (json!(UNAVAILABLE_VALUE), ColumnType::Unknown),
+            (json!(UNAVAILABLE_VALUE_BASE64), ColumnType::Bytes),
+            (json!(UNAVAILABLE_VALUE_BASE64), ColumnType::Unknown),
+            (json!([UNAVAILABLE_VALUE]), text_array.clone()),
+            (json!([UNAVAILABLE_VALUE_BASE64]), bytea_array),
+            (json!([UNAVAILABLE_VALUE]), ColumnType::Unknown),
+        ] {
+            assert_eq!(convert(&v, &ty), Ok(Cell::Unchanged), "{v} as {ty:?}");
+        }
+        // The base64 form is plain text in a text column; a longer array is data.
+        assert_eq!(
+            value(json!(UNAVAILABLE_VALUE_BASE64), ColumnType::Plain),
+            json!(UNAVAILABLE_VALUE_BASE64)
+        );
+        let two = json!([UNAVAILABLE_VALUE, "x"]);
+        assert_eq!(value(two.clone(), text_array), two);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let types = [
+            ColumnType::Unknown,
+            ColumnType::Bytes,
+            ColumnType::Decimal { scale: Some(3) },
+            ColumnType::Decimal { scale: None },
+            ColumnType::Date,
+            ColumnType::Time,
+            ColumnType::MicroTime,
+            ColumnType::NanoTime,
+            ColumnType::Timestamp,
+            ColumnType::MicroTimestamp,
+            ColumnType::NanoTimestamp,
+            ColumnType::ZonedTimestamp,
+            ColumnType::Year,
+            ColumnType::Json,
+            ColumnType::Bits { length: Some(9) },
+            ColumnType::Array(Box::new(ColumnType::Date)),
+        ];
+        let alphabet = [
+            "2024", "-", "T", ":", ".", "Z", "+", "0", "9", "=", "A", "/", "{", "\"", "é", "99999",
+        ];
+        let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut samples = vec![
+            json!(i64::MAX),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!(-0.0),
+            json!(1e300),
+            json!({"scale": i64::MIN, "value": ""}),
+            json!({"scale": -5, "value": "/w=="}),
+            json!([[[]]]),
+        ];
+        for _ in 0..3_000 {
+            let mut text = String::new();
+            for _ in 0..(s % 24) {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                text.push_str(alphabet[(s % alphabet.len() as u64) as usize]);
+            }
+            samples.push(Value::String(text));
+        }
+        for v in &samples {
+            for ty in &types {
+                let _ = convert(v, ty);
+            }
+        }
+    }
+}
