@@ -138,13 +138,13 @@ pub struct HttpConfig {
     #[serde(default = "HttpConfig::default_listen")]
     pub listen: String,
     /// `/readyz` answers 503 while a source's replication lag exceeds this.
-    #[serde(default = "HttpConfig::default_max_lag_seconds")]
-    pub max_lag_seconds: f64,
+    #[serde(default = "HttpConfig::default_max_lag_ms")]
+    pub max_lag_ms: u64,
 }
 
 impl HttpConfig {
-    fn default_max_lag_seconds() -> f64 {
-        300.0
+    fn default_max_lag_ms() -> u64 {
+        300_000
     }
     fn default_enabled() -> bool {
         true
@@ -157,7 +157,7 @@ impl HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            max_lag_seconds: Self::default_max_lag_seconds(),
+            max_lag_ms: Self::default_max_lag_ms(),
             enabled: Self::default_enabled(),
             listen: Self::default_listen(),
         }
@@ -313,7 +313,7 @@ impl Config {
                         out.push(format!("projections.{name}.index: only for search sinks; sink '{}' is Redis", p.sink));
                     }
                     if p.on_delete == viewkeeper_projections::spec::OnDelete::Delete {
-                        out.push(format!("projections.{name}.on_delete: Redis entries of deleted rows are kept as tombstones; remove on_delete or use tombstone_ttl_s"));
+                        out.push(format!("projections.{name}.on_delete: Redis entries of deleted rows are kept as tombstones; remove on_delete or use tombstone_ttl_ms"));
                     }
                 }
                 Some(SinkConfig::Elasticsearch(_)) => match &p.index {

@@ -1,7 +1,7 @@
 //! The worker's HTTP listener (default `127.0.0.1:9464`, loopback by default):
 //! `/metrics` (Prometheus text, metrics named `viewkeeper_…`), `/healthz` (the process
 //! answers), `/readyz` (every source is streaming, the last sink write succeeded and no
-//! source lags more than `http.max_lag_seconds`; 503 with the reasons otherwise).
+//! source lags more than `http.max_lag_ms`; 503 with the reasons otherwise).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -25,8 +25,8 @@ pub struct Health {
     /// Per source: seconds between the commit of the newest change applied and its
     /// apply (0 when caught up), as set by the engine.
     pub lag_seconds: std::sync::Mutex<BTreeMap<String, f64>>,
-    /// `/readyz` fails while a source lags more than this.
-    pub max_lag_seconds: f64,
+    /// `/readyz` fails while a source lags more than this (`http.max_lag_ms`).
+    pub max_lag: std::time::Duration,
 }
 
 impl Health {
@@ -42,10 +42,10 @@ impl Health {
             why.push("the last sink write failed (or none succeeded yet)".into());
         }
         for (name, lag) in self.lag_seconds.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if *lag > self.max_lag_seconds {
+            if *lag > self.max_lag.as_secs_f64() {
                 why.push(format!(
-                    "source {name} lags {lag:.1} s (bound http.max_lag_seconds = {})",
-                    self.max_lag_seconds
+                    "source {name} lags {lag:.1} s (bound http.max_lag_ms = {})",
+                    self.max_lag.as_millis()
                 ));
             }
         }
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn readiness_names_every_reason() {
         let h = Health {
-            max_lag_seconds: 30.0,
+            max_lag: std::time::Duration::from_secs(30),
             ..Default::default()
         };
         h.sinks_ok.store(true, Ordering::Relaxed);
@@ -124,12 +124,12 @@ mod tests {
         assert!(!ok);
         assert_eq!(
             why,
-            vec!["source catalog lags 45.5 s (bound http.max_lag_seconds = 30)".to_string()]
+            vec!["source catalog lags 45.5 s (bound http.max_lag_ms = 30000)".to_string()]
         );
         h.lag_seconds.lock().unwrap().insert("catalog".into(), 0.0);
         h.sinks_ok.store(false, Ordering::Relaxed);
         let mut with_source = Health {
-            max_lag_seconds: 30.0,
+            max_lag: std::time::Duration::from_secs(30),
             ..Default::default()
         };
         with_source

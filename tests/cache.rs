@@ -650,3 +650,39 @@ fields = ["name", "price"]
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("measured"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_expire_after_their_ttl_and_live_entries_never() {
+    let shop = Shop::new("ttl").await;
+    let extra = format!(
+        r#"
+[projections.expiring]
+root = "products"
+sink = "cache"
+key = "{}:expiring:{{id}}"
+fields = ["name"]
+tombstone_ttl_ms = 600000
+"#,
+        shop.prefix
+    );
+    let _w = shop.worker(&shop.config(&extra)).await;
+    let pg = shop.pg("catalog").await;
+    pg.batch_execute("INSERT INTO products(id, sku, name, price) VALUES (1, 'A', 'kept', 1), (2, 'B', 'gone', 2)")
+        .await
+        .unwrap();
+    pg.batch_execute("DELETE FROM products WHERE id = 2").await.unwrap();
+    converge(&shop, T).await;
+    let mut r = shop.redis().await;
+    let live: i64 = r.pttl(shop.key("expiring:1")).await.unwrap();
+    let tomb: i64 = r.pttl(shop.key("expiring:2")).await.unwrap();
+    assert_eq!(live, -1, "a live entry has no expiry");
+    assert!(
+        (1..=600_000).contains(&tomb),
+        "tombstone PTTL {tomb} ms, configured 600000 ms"
+    );
+    let gone: bool = r.hexists(shop.key("expiring:2"), "decommissioned_at").await.unwrap();
+    assert!(gone, "the entry of the deleted row is a tombstone");
+    // The projection without a TTL keeps its tombstone for good.
+    let kept: i64 = r.pttl(shop.key("ordering:product:2")).await.unwrap();
+    assert_eq!(kept, -1);
+}

@@ -60,7 +60,7 @@ pub struct Target {
     /// Cache sinks: the set holding the members of the active documents.
     pub active_set: Option<String>,
     /// Cache sinks: tombstoned entries expire after this many seconds.
-    pub tombstone_ttl_s: Option<u64>,
+    pub tombstone_ttl_ms: Option<u64>,
 }
 
 /// A document the sink refused for good, with the sink's reason.

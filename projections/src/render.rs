@@ -12,7 +12,9 @@
 //! * A nested one-to-one row that is a tombstone keeps its last image and shows it:
 //!   the relation's `flag` field (always present), or else `deleted: true`.
 
-use crate::spec::{parse_template, Cardinality, OnDelete, ProjectionSpec, RelationSpec, TableSpec, TemplatePart};
+use crate::spec::{
+    parse_template, Cardinality, OnDelete, ProjectionSpec, RelationSpec, TableSpec, TemplateError, TemplatePart,
+};
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,6 +100,15 @@ struct Node {
     remote: Vec<String>,
 }
 
+/// Why a projection cannot be compiled (a spec that skipped [`crate::spec::validate`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("projections.{projection}.root: unknown table '{root}'")]
+    UnknownRoot { projection: String, root: String },
+    #[error("projections.{projection}.key: {error}")]
+    Key { projection: String, error: TemplateError },
+}
+
 /// A projection checked against its tables, ready to render.
 #[derive(Clone, Debug)]
 pub struct Projection {
@@ -110,12 +121,16 @@ pub struct Projection {
 
 impl Projection {
     /// Compiles a validated spec (see [`crate::spec::validate`]).
-    pub fn new(name: &str, spec: &ProjectionSpec, tables: &BTreeMap<String, TableSpec>) -> Result<Self, String> {
-        let root = tables
-            .get(&spec.root)
-            .ok_or_else(|| format!("projections.{name}.root: unknown table '{}'", spec.root))?;
+    pub fn new(name: &str, spec: &ProjectionSpec, tables: &BTreeMap<String, TableSpec>) -> Result<Self, CompileError> {
+        let root = tables.get(&spec.root).ok_or_else(|| CompileError::UnknownRoot {
+            projection: name.to_owned(),
+            root: spec.root.clone(),
+        })?;
         let key = match &spec.key {
-            Some(t) => parse_template(t)?,
+            Some(t) => parse_template(t).map_err(|error| CompileError::Key {
+                projection: name.to_owned(),
+                error,
+            })?,
             None => {
                 let mut parts = Vec::new();
                 for (i, c) in root.primary_key.iter().enumerate() {

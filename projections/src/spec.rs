@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use thiserror::Error;
 
 fn default_pk() -> Vec<String> {
     vec!["id".to_string()]
@@ -123,7 +124,7 @@ pub struct ProjectionSpec {
     pub active_when: Option<Condition>,
     /// Redis: expire tombstoned entries after this many seconds (default: keep).
     #[serde(default)]
-    pub tombstone_ttl_s: Option<u64>,
+    pub tombstone_ttl_ms: Option<u64>,
     /// Search sinks: the alias, index version, settings and mappings.
     #[serde(default)]
     pub index: Option<IndexSpec>,
@@ -229,7 +230,7 @@ pub fn validate(
         };
         if let Some(tpl) = &proj.key {
             match parse_template(tpl) {
-                Err(m) => err(format!("{p}.key"), m),
+                Err(m) => err(format!("{p}.key"), m.to_string()),
                 Ok(parts) => {
                     // An id over other columns is not the row's for good: after the column
                     // changes, the entry under the old id could not be found (it would stay,
@@ -332,7 +333,20 @@ pub enum TemplatePart {
     Col(String),
 }
 
-pub fn parse_template(tpl: &str) -> Result<Vec<TemplatePart>, String> {
+/// Why a key template cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum TemplateError {
+    #[error("'{0}': unclosed '{{'")]
+    Unclosed(String),
+    #[error("'{0}': empty or nested placeholder")]
+    EmptyPlaceholder(String),
+    #[error("'{0}': '}}' without '{{'")]
+    StrayClose(String),
+    #[error("'{0}' has no {{column}} placeholder: every row would share one key")]
+    NoPlaceholder(String),
+}
+
+pub fn parse_template(tpl: &str) -> Result<Vec<TemplatePart>, TemplateError> {
     let mut parts = Vec::new();
     let mut rest = tpl;
     while let Some(open) = rest.find('{') {
@@ -340,24 +354,22 @@ pub fn parse_template(tpl: &str) -> Result<Vec<TemplatePart>, String> {
             parts.push(TemplatePart::Lit(rest[..open].to_string()));
         }
         let after = &rest[open + 1..];
-        let close = after.find('}').ok_or_else(|| format!("'{tpl}': unclosed '{{'"))?;
+        let close = after.find('}').ok_or_else(|| TemplateError::Unclosed(tpl.to_owned()))?;
         let col = &after[..close];
         if col.is_empty() || col.contains('{') {
-            return Err(format!("'{tpl}': empty or nested placeholder"));
+            return Err(TemplateError::EmptyPlaceholder(tpl.to_owned()));
         }
         parts.push(TemplatePart::Col(col.to_string()));
         rest = &after[close + 1..];
     }
     if rest.contains('}') {
-        return Err(format!("'{tpl}': '}}' without '{{'"));
+        return Err(TemplateError::StrayClose(tpl.to_owned()));
     }
     if !rest.is_empty() {
         parts.push(TemplatePart::Lit(rest.to_string()));
     }
     if !parts.iter().any(|p| matches!(p, TemplatePart::Col(_))) {
-        return Err(format!(
-            "'{tpl}' has no {{column}} placeholder: every row would share one key"
-        ));
+        return Err(TemplateError::NoPlaceholder(tpl.to_owned()));
     }
     Ok(parts)
 }
@@ -387,7 +399,7 @@ mod tests {
             on_delete: OnDelete::Tombstone,
             active_set: None,
             active_when: None,
-            tombstone_ttl_s: None,
+            tombstone_ttl_ms: None,
             index: None,
         }
     }

@@ -40,7 +40,7 @@ pub fn compile(cfg: &Config) -> anyhow::Result<(Vec<Projection>, Catalog)> {
         ..Default::default()
     };
     for (name, spec) in &cfg.projections {
-        let p = Projection::new(name, spec, &cfg.tables).map_err(anyhow::Error::msg)?;
+        let p = Projection::new(name, spec, &cfg.tables)?;
         for (t, cols) in p.needed_columns() {
             catalog.needed_columns.entry(t).or_default().extend(cols);
         }

@@ -141,7 +141,7 @@ pub async fn run(
     // Readiness flags, and the HTTP listener for a long-running worker. Every sink
     // answered just now: an idle worker is ready before its first write.
     let mut health = crate::http::Health {
-        max_lag_seconds: cfg.http.max_lag_seconds,
+        max_lag: std::time::Duration::from_millis(cfg.http.max_lag_ms),
         sinks_ok: true.into(),
         ..Default::default()
     };

@@ -73,7 +73,7 @@ fn target_of(p: &Projection) -> Target {
         into: None,
         also_into: None,
         active_set: p.spec.active_set.clone(),
-        tombstone_ttl_s: p.spec.tombstone_ttl_s,
+        tombstone_ttl_ms: p.spec.tombstone_ttl_ms,
     }
 }
 

@@ -120,7 +120,7 @@ pub(super) async fn compare(
                 match (want.get(id).and_then(|e| e.body.as_ref().map(|b| (b, e))), h.is_empty()) {
                     (None, false) => out.push(f(Kind::Extra, id, "no row behind this entry".into())),
                     (None, true) => {}
-                    (Some((_, e)), true) if e.tombstoned && p.spec.tombstone_ttl_s.is_some() => {} // expired
+                    (Some((_, e)), true) if e.tombstoned && p.spec.tombstone_ttl_ms.is_some() => {} // expired
                     (Some(_), true) => out.push(f(Kind::Missing, id, "no entry".into())),
                     (Some((b, _)), false) => {
                         if let Some(d) = redis_diff(b, h) {

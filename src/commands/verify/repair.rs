@@ -26,7 +26,7 @@ pub(super) async fn repair(
     let target = Target {
         projection: p.name.clone(),
         active_set: p.spec.active_set.clone(),
-        tombstone_ttl_s: p.spec.tombstone_ttl_s,
+        tombstone_ttl_ms: p.spec.tombstone_ttl_ms,
         ..Default::default()
     };
     let mut write = Vec::new();

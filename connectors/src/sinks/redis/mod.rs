@@ -35,7 +35,7 @@ const RUN_ID_CHECK: Duration = Duration::from_secs(1);
 
 const CAS_SCRIPT: &str = r#"
 -- KEYS[1] hash, KEYS[2] set of active ids (or the hash itself when there is none)
--- ARGV[1] version, ARGV[2] set member, ARGV[3] 'add' | 'rem' | '', ARGV[4] ttl seconds (0: keep)
+-- ARGV[1] version, ARGV[2] set member, ARGV[3] 'add' | 'rem' | '', ARGV[4] ttl milliseconds (0: keep)
 -- ARGV[5..] field, value, ...
 local cur = redis.pcall('HGET', KEYS[1], '_version')
 if type(cur) == 'table' and cur.err then return 'E:' .. cur.err end
@@ -43,7 +43,7 @@ local v = ARGV[1]
 if cur and (#cur > #v or (#cur == #v and cur >= v)) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], '_version', v, unpack(ARGV, 5))
-if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 if ARGV[3] == 'add' then
   local r = redis.pcall('SADD', KEYS[2], ARGV[2])
   if type(r) == 'table' and r.err then return 'E:' .. r.err end
@@ -273,7 +273,7 @@ impl RedisSink {
                 let Some(body) = &d.body else {
                     rejections.push(Rejection {
                         id: d.id.clone(),
-                        reason: "a cache entry cannot be removed (Redis keeps tombstones); use tombstone_ttl_s".into(),
+                        reason: "a cache entry cannot be removed (Redis keeps tombstones); use tombstone_ttl_ms".into(),
                     });
                     continue;
                 };
@@ -283,7 +283,7 @@ impl RedisSink {
                     (None, _) => "",
                 };
                 let ttl = if d.tombstoned {
-                    target.tombstone_ttl_s.unwrap_or(0)
+                    target.tombstone_ttl_ms.unwrap_or(0)
                 } else {
                     0
                 };

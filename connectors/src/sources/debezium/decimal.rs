@@ -8,41 +8,38 @@
 //! 147,455 digits) but scales are limited to ±[`MAX_SCALE`](super::values::MAX_SCALE),
 //! so that a corrupt scale cannot ask for gigabytes of zeros.
 
-use super::values::{base64, check_scale, cut, kind_of};
+use super::values::{base64, check_scale, cut, kind_of, ValueError};
 use serde_json::{Map, Value};
 
 /// A decimal column's value: base64 with a known `scale` (precise mode), `{scale, value}`
 /// (variable scale), decimal text (string mode, `scale` unknown) or a number (double
 /// mode, kept as the number it is).
-pub(crate) fn decimal(value: &Value, scale: Option<i32>) -> Result<Value, String> {
+pub(crate) fn decimal(value: &Value, scale: Option<i32>) -> Result<Value, ValueError> {
     match (value, scale) {
         // decimal.handling.mode=double.
         (Value::Number(_), _) => Ok(value.clone()),
         (Value::String(s), Some(scale)) => Ok(Value::String(unscaled_to_decimal(&base64(s)?, scale)?)),
         // decimal.handling.mode=string.
         (Value::String(s), None) if is_decimal_text(s) => Ok(value.clone()),
-        (Value::String(s), None) => Err(format!(
-            "{:?} is not decimal text; for base64 (precise mode) decimals the column's scale must be configured",
-            cut(s)
-        )),
+        (Value::String(s), None) => Err(ValueError::NotDecimalText(cut(s))),
         (Value::Object(o), _) => variable_scale(o),
-        _ => Err(format!(
-            "expected a decimal (base64 string, {{scale, value}} or number), found {}",
-            kind_of(value)
-        )),
+        _ => Err(ValueError::Expected {
+            expected: "a decimal (base64 string, {scale, value} or number)",
+            found: kind_of(value).to_owned(),
+        }),
     }
 }
 
 /// `io.debezium.data.VariableScaleDecimal`: `{"scale": 2, "value": "BOI="}`.
-fn variable_scale(o: &Map<String, Value>) -> Result<Value, String> {
+fn variable_scale(o: &Map<String, Value>) -> Result<Value, ValueError> {
     let scale = o
         .get("scale")
         .and_then(Value::as_i64)
-        .ok_or("VariableScaleDecimal without an integer scale")?;
+        .ok_or(ValueError::VariableScale("an integer scale"))?;
     let value = o
         .get("value")
         .and_then(Value::as_str)
-        .ok_or("VariableScaleDecimal without a base64 value")?;
+        .ok_or(ValueError::VariableScale("a base64 value"))?;
     Ok(Value::String(unscaled_to_decimal(
         &base64(value)?,
         check_scale(scale)?,
@@ -70,9 +67,9 @@ fn is_decimal_text(s: &str) -> bool {
 /// The exact decimal text of a big-endian two's-complement unscaled integer of any size
 /// with `scale` digits after the point (`[0x04, 0xE2]`, 2 → `"12.50"`; a negative scale
 /// appends zeros). Empty input is an error, as in Connect.
-pub fn unscaled_to_decimal(bytes: &[u8], scale: i32) -> Result<String, String> {
+pub fn unscaled_to_decimal(bytes: &[u8], scale: i32) -> Result<String, ValueError> {
     let Some(&first) = bytes.first() else {
-        return Err("empty unscaled decimal value".into());
+        return Err(ValueError::EmptyUnscaled);
     };
     let scale = check_scale(scale.into())?;
     let negative = first & 0x80 != 0;

@@ -169,9 +169,9 @@ pub enum ErrorKind {
     #[error("primary-key column {column:?} is missing, null or unavailable; {hint}")]
     MissingKeyColumn { column: String, hint: &'static str },
     #[error("invalid value: {0}")]
-    Value(String),
+    Value(super::values::ValueError),
     #[error("invalid schema: {0}")]
-    Schema(String),
+    Schema(super::values::TypeError),
 }
 
 impl DecodeError {

@@ -13,17 +13,15 @@
 //!
 //! Fractions keep up to nine digits, lose trailing zeros and vanish when zero.
 
-use super::values::cut;
+use super::values::{cut, ValueError};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 const SECS_PER_DAY: i64 = 86_400;
 
 /// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01 (H. Hinnant's
 /// `civil_from_days`).
-fn civil_from_days(days: i64) -> Result<(i64, u32, u32), String> {
-    let z = days
-        .checked_add(719_468)
-        .ok_or_else(|| format!("day {days} is out of range"))?;
+fn civil_from_days(days: i64) -> Result<(i64, u32, u32), ValueError> {
+    let z = days.checked_add(719_468).ok_or(ValueError::Day(days))?;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
@@ -64,7 +62,7 @@ fn ymd(year: i64, month: u32, day: u32) -> (String, bool) {
     }
 }
 
-pub(crate) fn format_date(days: i64) -> Result<String, String> {
+pub(crate) fn format_date(days: i64) -> Result<String, ValueError> {
     let (y, m, d) = civil_from_days(days)?;
     Ok(match ymd(y, m, d) {
         (date, false) => date,
@@ -94,26 +92,26 @@ fn clock(nanos_of_day: u64) -> String {
 
 /// `value` units since midnight, `nanos_per_unit` nanoseconds each; `24:00:00` is the
 /// largest time Postgres has.
-pub(crate) fn time_of_day(value: i64, nanos_per_unit: u64) -> Result<String, String> {
+pub(crate) fn time_of_day(value: i64, nanos_per_unit: u64) -> Result<String, ValueError> {
     const DAY_NANOS: u64 = 86_400 * NANOS_PER_SEC;
     let nanos = u64::try_from(value)
         .ok()
         .and_then(|v| v.checked_mul(nanos_per_unit))
         .filter(|&n| n <= DAY_NANOS)
-        .ok_or_else(|| format!("time of day {value} is out of range (0 to 24:00:00)"))?;
+        .ok_or(ValueError::TimeOfDay(value))?;
     Ok(clock(nanos))
 }
 
 /// `value` units since the epoch, `units_per_sec` of them per second, as a local
 /// timestamp (no offset).
-pub(crate) fn timestamp(value: i64, units_per_sec: i64) -> Result<String, String> {
+pub(crate) fn timestamp(value: i64, units_per_sec: i64) -> Result<String, ValueError> {
     let secs = value.div_euclid(units_per_sec);
     let sub = value.rem_euclid(units_per_sec) as u64 * (NANOS_PER_SEC / units_per_sec as u64);
     render_timestamp(secs, sub, false)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.f][+00:00]`, or Postgres's BC form `YYYY-MM-DD HH:MM:SS[.f][+00] BC`.
-fn render_timestamp(secs: i64, nanos: u64, utc: bool) -> Result<String, String> {
+fn render_timestamp(secs: i64, nanos: u64, utc: bool) -> Result<String, ValueError> {
     let (y, m, d) = civil_from_days(secs.div_euclid(SECS_PER_DAY))?;
     let clock = clock(secs.rem_euclid(SECS_PER_DAY) as u64 * NANOS_PER_SEC + nanos);
     Ok(match ymd(y, m, d) {
@@ -160,13 +158,13 @@ impl Cursor<'_> {
 
 /// Parses `[±]YYYY-MM-DDTHH:MM[:SS[.f]](Z|±HH[:MM[:SS]]|±HHMM)` and renders it in UTC.
 /// `infinity` / `-infinity` stay as sent.
-pub(crate) fn zoned_timestamp(text: &str) -> Result<String, String> {
+pub(crate) fn zoned_timestamp(text: &str) -> Result<String, ValueError> {
     if matches!(text, "infinity" | "-infinity") {
         return Ok(text.to_owned());
     }
     parse_zoned(text)
         .and_then(|(secs, nanos)| render_timestamp(secs, nanos, true).ok())
-        .ok_or_else(|| format!("expected an ISO-8601 timestamp with an offset, found {:?}", cut(text)))
+        .ok_or_else(|| ValueError::Zoned(cut(text)))
 }
 
 /// (seconds since the epoch in UTC, nanoseconds).

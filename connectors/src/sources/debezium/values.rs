@@ -44,6 +44,7 @@ use super::time::{format_date, time_of_day, timestamp, zoned_timestamp};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{Map, Value};
+use thiserror::Error;
 use viewkeeper_core::model::Cell;
 
 /// Debezium's default `unavailable.value.placeholder`: the value of a column whose
@@ -104,12 +105,71 @@ pub enum ColumnType {
     Array(Box<ColumnType>),
 }
 
+/// A column type hint or a field schema that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum TypeError {
+    #[error("'{0}': the scale must be an integer, e.g. decimal(2)")]
+    HintScale(String),
+    #[error("'{0}': scale beyond {MAX_SCALE}")]
+    HintScaleRange(String),
+    #[error(
+        "unknown column type '{0}' (expected decimal(S), decimal, date, time, micro_time, nano_time, timestamp, \
+         micro_timestamp, nano_timestamp, zoned_timestamp, json, uuid, bytes, or T[])"
+    )]
+    UnknownHint(String),
+    #[error("field schema is {0}, not an object")]
+    NotAnObject(&'static str),
+    #[error("parameter {name} is {value}, not an integer")]
+    Parameter { name: String, value: String },
+    #[error("Decimal schema without a scale parameter")]
+    MissingScale,
+    #[error("Bits length {0} is out of range 0..={MAX_BITS}")]
+    BitsLength(i64),
+    #[error("{0}")]
+    Scale(#[from] ScaleOutOfRange),
+    #[error("array items: {0}")]
+    ArrayItems(Box<TypeError>),
+}
+
+/// A decimal scale beyond what Postgres allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[error("decimal scale {0} is out of range ±{MAX_SCALE}")]
+pub struct ScaleOutOfRange(pub i64);
+
+/// What is wrong with one column value.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ValueError {
+    #[error("expected {expected}, found {found}")]
+    Expected { expected: &'static str, found: String },
+    #[error("invalid base64 {text:?}: {error}")]
+    Base64 { text: String, error: base64::DecodeError },
+    /// serde_json's message (its error type is neither `Clone` nor `Eq`).
+    #[error("invalid JSON text: {0}")]
+    Json(String),
+    #[error("element {index}: {error}")]
+    Element { index: usize, error: Box<ValueError> },
+    #[error("{0}")]
+    Scale(#[from] ScaleOutOfRange),
+    #[error("{0:?} is not decimal text; for base64 (precise mode) decimals the column's scale must be configured")]
+    NotDecimalText(String),
+    #[error("empty unscaled decimal value")]
+    EmptyUnscaled,
+    #[error("VariableScaleDecimal without {0}")]
+    VariableScale(&'static str),
+    #[error("day {0} is out of range")]
+    Day(i64),
+    #[error("time of day {0} is out of range (0 to 24:00:00)")]
+    TimeOfDay(i64),
+    #[error("expected an ISO-8601 timestamp with an offset, found {0:?}")]
+    Zoned(String),
+}
+
 impl ColumnType {
     /// A configured hint for messages without schemas: `decimal(S)` (precise decimals,
     /// base64 unscaled with scale `S`), `decimal` (string mode or `VariableScaleDecimal`),
     /// `date`, `time`, `micro_time`, `nano_time`, `timestamp`, `micro_timestamp`,
     /// `nano_timestamp`, `zoned_timestamp`, `json`, `uuid`, `bytes`, or `T[]` for arrays.
-    pub fn from_hint(hint: &str) -> Result<ColumnType, String> {
+    pub fn from_hint(hint: &str) -> Result<ColumnType, TypeError> {
         let h = hint.trim();
         if let Some(elem) = h.strip_suffix("[]") {
             return Ok(ColumnType::Array(Box::new(ColumnType::from_hint(elem)?)));
@@ -118,9 +178,9 @@ impl ColumnType {
             let scale: i32 = scale
                 .trim()
                 .parse()
-                .map_err(|_| format!("'{hint}': the scale must be an integer, e.g. decimal(2)"))?;
+                .map_err(|_| TypeError::HintScale(hint.to_owned()))?;
             if scale.unsigned_abs() > MAX_SCALE {
-                return Err(format!("'{hint}': scale beyond {MAX_SCALE}"));
+                return Err(TypeError::HintScaleRange(hint.to_owned()));
             }
             return Ok(ColumnType::Decimal { scale: Some(scale) });
         }
@@ -137,12 +197,7 @@ impl ColumnType {
             "json" => ColumnType::Json,
             "uuid" => ColumnType::Uuid,
             "bytes" => ColumnType::Bytes,
-            _ => {
-                return Err(format!(
-                    "unknown column type '{hint}' (expected decimal(S), decimal, date, time, micro_time, nano_time, timestamp, \
-                     micro_timestamp, nano_timestamp, zoned_timestamp, json, uuid, bytes, or T[])"
-                ))
-            }
+            _ => return Err(TypeError::UnknownHint(hint.to_owned())),
         })
     }
 
@@ -150,15 +205,15 @@ impl ColumnType {
     /// (`{"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal",
     /// "parameters": {"scale": "2"}, "field": "price"}`). Unknown logical names are
     /// [`ColumnType::Plain`]; the error is for known ones with bad parameters.
-    pub fn from_schema(schema: &Value) -> Result<ColumnType, String> {
+    pub fn from_schema(schema: &Value) -> Result<ColumnType, TypeError> {
         match schema.as_object() {
             Some(obj) => ColumnType::from_schema_object(obj),
-            None => Err(format!("field schema is {}, not an object", kind_of(schema))),
+            None => Err(TypeError::NotAnObject(kind_of(schema))),
         }
     }
 
     /// [`ColumnType::from_schema`] of a schema object.
-    pub fn from_schema_object(obj: &Map<String, Value>) -> Result<ColumnType, String> {
+    pub fn from_schema_object(obj: &Map<String, Value>) -> Result<ColumnType, TypeError> {
         let name = obj.get("name").and_then(Value::as_str).unwrap_or_default();
         Ok(match name {
             "org.apache.kafka.connect.data.Decimal" => ColumnType::Decimal {
@@ -183,7 +238,7 @@ impl ColumnType {
             _ => match obj.get("type").and_then(Value::as_str) {
                 Some("bytes") => ColumnType::Bytes,
                 Some("array") => ColumnType::Array(Box::new(match obj.get("items") {
-                    Some(items) => ColumnType::from_schema(items).map_err(|e| format!("array items: {e}"))?,
+                    Some(items) => ColumnType::from_schema(items).map_err(|e| TypeError::ArrayItems(Box::new(e)))?,
                     None => ColumnType::Plain,
                 })),
                 _ => ColumnType::Plain,
@@ -199,34 +254,35 @@ fn parameter<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 }
 
 /// Connect writes parameters as strings (`"scale": "2"`); numbers are accepted too.
-fn int_parameter(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, String> {
+fn int_parameter(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, TypeError> {
     match parameter(obj, name) {
         None => Ok(None),
-        Some(v) => lenient_i64(v)
-            .map(Some)
-            .ok_or_else(|| format!("parameter {name} is {v}, not an integer")),
+        Some(v) => lenient_i64(v).map(Some).ok_or_else(|| TypeError::Parameter {
+            name: name.to_owned(),
+            value: v.to_string(),
+        }),
     }
 }
 
-fn scale_parameter(obj: &Map<String, Value>) -> Result<i32, String> {
-    let scale = int_parameter(obj, "scale")?.ok_or("Decimal schema without a scale parameter")?;
-    check_scale(scale)
+fn scale_parameter(obj: &Map<String, Value>) -> Result<i32, TypeError> {
+    let scale = int_parameter(obj, "scale")?.ok_or(TypeError::MissingScale)?;
+    Ok(check_scale(scale)?)
 }
 
-fn length_parameter(obj: &Map<String, Value>) -> Result<Option<u32>, String> {
+fn length_parameter(obj: &Map<String, Value>) -> Result<Option<u32>, TypeError> {
     match int_parameter(obj, "length")? {
         None => Ok(None),
         Some(n) => match u32::try_from(n) {
             Ok(n) if n <= MAX_BITS => Ok(Some(n)),
-            _ => Err(format!("Bits length {n} is out of range 0..={MAX_BITS}")),
+            _ => Err(TypeError::BitsLength(n)),
         },
     }
 }
 
-pub(crate) fn check_scale(scale: i64) -> Result<i32, String> {
+pub(crate) fn check_scale(scale: i64) -> Result<i32, ScaleOutOfRange> {
     match i32::try_from(scale) {
         Ok(s) if s.unsigned_abs() <= MAX_SCALE => Ok(s),
-        _ => Err(format!("decimal scale {scale} is out of range ±{MAX_SCALE}")),
+        _ => Err(ScaleOutOfRange(scale)),
     }
 }
 
@@ -252,7 +308,7 @@ pub(crate) fn kind_of(v: &Value) -> &'static str {
 }
 
 /// Converts one column value; the error says what is wrong with it.
-pub fn convert(value: &Value, ty: &ColumnType) -> Result<Cell, String> {
+pub fn convert(value: &Value, ty: &ColumnType) -> Result<Cell, ValueError> {
     if is_unavailable(value, ty) {
         return Ok(Cell::Unchanged);
     }
@@ -283,16 +339,22 @@ fn is_unavailable(value: &Value, ty: &ColumnType) -> bool {
     }
 }
 
-fn to_json(value: &Value, ty: &ColumnType) -> Result<Value, String> {
+fn to_json(value: &Value, ty: &ColumnType) -> Result<Value, ValueError> {
     if value.is_null() {
         return Ok(Value::Null);
     }
-    let string = |what: &str| {
-        value
-            .as_str()
-            .ok_or_else(|| format!("expected {what}, found {}", kind_of(value)))
+    let string = |expected: &'static str| {
+        value.as_str().ok_or_else(|| ValueError::Expected {
+            expected,
+            found: kind_of(value).to_owned(),
+        })
     };
-    let integer = |what: &str| value.as_i64().ok_or_else(|| format!("expected {what}, found {value}"));
+    let integer = |expected: &'static str| {
+        value.as_i64().ok_or_else(|| ValueError::Expected {
+            expected,
+            found: value.to_string(),
+        })
+    };
     Ok(match ty {
         ColumnType::Unknown | ColumnType::Plain => value.clone(),
         ColumnType::Bytes => {
@@ -318,7 +380,7 @@ fn to_json(value: &Value, ty: &ColumnType) -> Result<Value, String> {
         }
         ColumnType::Json => match value {
             Value::String(s) => {
-                crate::sources::postgres::values::json_text(s).map_err(|e| format!("invalid JSON text: {e}"))?
+                crate::sources::postgres::values::json_text(s).map_err(|e| ValueError::Json(e.to_string()))?
             }
             // Already structured (a converter other than Debezium's string encoding).
             _ => value.clone(),
@@ -332,18 +394,28 @@ fn to_json(value: &Value, ty: &ColumnType) -> Result<Value, String> {
                 items
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| to_json(v, element).map_err(|e| format!("element {}: {e}", i + 1)))
+                    .map(|(i, v)| {
+                        to_json(v, element).map_err(|e| ValueError::Element {
+                            index: i + 1,
+                            error: Box::new(e),
+                        })
+                    })
                     .collect::<Result<_, _>>()?,
             ),
-            _ => return Err(format!("expected an array, found {}", kind_of(value))),
+            _ => {
+                return Err(ValueError::Expected {
+                    expected: "an array",
+                    found: kind_of(value).to_owned(),
+                })
+            }
         },
     })
 }
 
-pub(crate) fn base64(s: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn base64(s: &str) -> Result<Vec<u8>, ValueError> {
     STANDARD
         .decode(s)
-        .map_err(|e| format!("invalid base64 {:?}: {e}", cut(s)))
+        .map_err(|error| ValueError::Base64 { text: cut(s), error })
 }
 
 /// The first 40 characters of `s`, for error messages.
@@ -395,9 +467,12 @@ pub(crate) mod tests {
         assert_eq!(h("decimal"), Ok(ColumnType::Decimal { scale: None }));
         assert_eq!(h("micro_timestamp"), Ok(ColumnType::MicroTimestamp));
         assert_eq!(h("uuid[]"), Ok(ColumnType::Array(Box::new(ColumnType::Uuid))));
-        assert!(h("decimal(x)").unwrap_err().contains("integer"));
-        assert!(h("decimal(99999)").unwrap_err().contains("scale"));
-        assert!(h("money").unwrap_err().contains("unknown column type 'money'"));
+        assert!(h("decimal(x)").unwrap_err().to_string().contains("integer"));
+        assert!(h("decimal(99999)").unwrap_err().to_string().contains("scale"));
+        assert!(h("money")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown column type 'money'"));
         // A hint decodes a precise decimal without a schema: 1234 unscaled, scale 2.
         assert_eq!(value(json!("BNI="), h("decimal(2)").unwrap()), json!("12.34"));
     }
@@ -489,7 +564,7 @@ pub(crate) mod tests {
         );
         assert_eq!(value(json!([]), ty.clone()), json!([]));
         let e = convert(&json!(["BOI=", "!!"]), &ty).unwrap_err();
-        assert!(e.starts_with("element 2: invalid base64"), "{e}");
+        assert!(e.to_string().starts_with("element 2: invalid base64"), "{e}");
         assert!(convert(&json!("BOI="), &ty).is_err());
         let nested = ColumnType::Array(Box::new(ColumnType::Array(Box::new(ColumnType::Date))));
         assert_eq!(value(json!([[0, 1]]), nested), json!([["1970-01-01", "1970-01-02"]]));

@@ -9,6 +9,7 @@ use super::pgoutput::{OldTuple, PgOutputMessage, RelationBody, TupleData, TupleV
 use super::values;
 use serde_json::Value;
 use std::collections::HashMap;
+use thiserror::Error;
 use viewkeeper_core::model::{Cell, Change, Key, Op, Position};
 use viewkeeper_core::source::SourceDeadLetter;
 
@@ -193,24 +194,26 @@ impl TxDecoder {
             ));
             return;
         };
-        let key_of = |t: &TupleData| -> Result<Key, String> {
+        let key_of = |t: &TupleData| -> Result<Key, KeyError> {
             let mut vals = Vec::with_capacity(pk_idx.len());
             for &i in pk_idx {
                 let col = &rel.body.columns[i];
                 match t.0.get(i) {
                     Some(TupleValue::Text(b)) => {
-                        let s = std::str::from_utf8(b).map_err(|e| format!("key column {}: {e}", col.name))?;
-                        vals.push(
-                            values::text_to_json(col.type_oid, s)
-                                .map_err(|e| format!("key column {}: {e}", col.name))?,
-                        );
+                        let s = std::str::from_utf8(b).map_err(|error| KeyError::Utf8 {
+                            column: col.name.clone(),
+                            error,
+                        })?;
+                        vals.push(values::text_to_json(col.type_oid, s).map_err(|error| KeyError::Value {
+                            column: col.name.clone(),
+                            error,
+                        })?);
                     }
                     other => {
-                        return Err(format!(
-                            "key column {} is {:?}, not a value",
-                            col.name,
-                            other.map(kind_name)
-                        ))
+                        return Err(KeyError::NotAValue {
+                            column: col.name.clone(),
+                            kind: other.map(kind_name),
+                        })
                     }
                 }
             }
@@ -243,7 +246,8 @@ impl TxDecoder {
         let key = match key_of(new) {
             Ok(k) => k,
             Err(e) => {
-                out.dead_letters.push(dead(qualified, String::new(), e, payload()));
+                out.dead_letters
+                    .push(dead(qualified, String::new(), e.to_string(), payload()));
                 return;
             }
         };
@@ -305,6 +309,17 @@ impl TxDecoder {
             origin: None,
         });
     }
+}
+
+/// Why a row's key could not be built.
+#[derive(Debug, Error)]
+enum KeyError {
+    #[error("key column {column}: {error}")]
+    Utf8 { column: String, error: std::str::Utf8Error },
+    #[error("key column {column}: {error}")]
+    Value { column: String, error: values::ValueError },
+    #[error("key column {column} is {kind:?}, not a value")]
+    NotAValue { column: String, kind: Option<&'static str> },
 }
 
 fn kind_name(v: &TupleValue) -> &'static str {

@@ -159,14 +159,77 @@ pub struct ValueError {
     pub type_name: &'static str,
     /// The offending text, cut to [`ValueError::MAX_TEXT_CHARS`] characters (then `…`).
     pub text: String,
-    pub reason: String,
+    pub reason: Malformed,
+}
+
+/// What is wrong with a known type's text.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Malformed {
+    #[error("expected 't' or 'f'")]
+    Bool,
+    #[error("{0}")]
+    Int(#[from] std::num::ParseIntError),
+    #[error("{0}")]
+    Float(#[from] std::num::ParseFloatError),
+    #[error("not a finite number")]
+    NotFinite,
+    #[error("expected a decimal number, NaN, Infinity or -Infinity")]
+    Numeric,
+    #[error("expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex)")]
+    Uuid,
+    /// serde_json's message (its error type is neither `Clone` nor `Eq`).
+    #[error("{0}")]
+    Json(String),
+    #[error("odd number of hex digits")]
+    OddHexDigits,
+    #[error("invalid hex digit at position {0}")]
+    HexDigit(usize),
+    #[error("invalid escape at position {0}")]
+    Escape(usize),
+    #[error("expected 'YYYY-MM-DD HH:MM:SS[.ffffff]{}' (DateStyle ISO)", if *with_zone { "+HH[:MM]" } else { "" })]
+    Timestamp { with_zone: bool },
+    #[error("{0}")]
+    Array(#[from] ArrayFault),
+    #[error("element {index}: {error}")]
+    Element { index: usize, error: Box<ValueError> },
+    #[error("{0}")]
+    Utf8(#[from] std::string::FromUtf8Error),
+}
+
+/// Where and how an array literal breaks its syntax.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ArrayFault {
+    #[error("dimension decoration without '='")]
+    DecorationWithoutEquals,
+    #[error("invalid dimension decoration")]
+    Decoration,
+    #[error("expected '{{' at position {0}")]
+    ExpectedBrace(usize),
+    #[error("text after the array at position {0}")]
+    TrailingText(usize),
+    #[error("more than {MAX_ARRAY_DIMS} dimensions")]
+    TooDeep,
+    #[error("mixed sub-arrays and elements at {0}")]
+    Mixed(usize),
+    #[error("empty element at position {0}")]
+    EmptyElement(usize),
+    #[error("unterminated array")]
+    Unterminated,
+    #[error("expected ',' or '}}' at position {at}, found {found:?}")]
+    ExpectedSeparator { at: usize, found: char },
+    #[error("backslash at the end of the array")]
+    TrailingBackslash,
+    #[error("unterminated quoted element from {0}")]
+    UnterminatedQuote(usize),
+    #[error("{found:?} in unquoted element at {at}")]
+    InUnquoted { at: usize, found: char },
 }
 
 impl ValueError {
     /// How much of the offending text an error keeps.
     pub const MAX_TEXT_CHARS: usize = 100;
 
-    fn new(type_oid: u32, type_name: &'static str, text: &str, reason: impl Into<String>) -> Self {
+    fn new(type_oid: u32, type_name: &'static str, text: &str, reason: Malformed) -> Self {
         let text = match text.char_indices().nth(Self::MAX_TEXT_CHARS) {
             Some((cut, _)) => format!("{}…", text.get(..cut).unwrap_or_default()),
             None => text.to_owned(),
@@ -175,7 +238,7 @@ impl ValueError {
             type_oid,
             type_name,
             text,
-            reason: reason.into(),
+            reason,
         }
     }
 }
@@ -186,11 +249,11 @@ impl ValueError {
 /// JSON text (json, jsonb, Debezium's `Json`) parsed. Nested deeper than the parser's
 /// limit (128 levels; deeper would risk the stack), it is kept as its text, a string:
 /// the row still flows and the value is all there.
-pub fn json_text(text: &str) -> Result<Value, String> {
+pub fn json_text(text: &str) -> Result<Value, serde_json::Error> {
     match serde_json::from_str(text) {
         Ok(v) => Ok(v),
         Err(e) if e.to_string().starts_with("recursion limit exceeded") => Ok(Value::String(text.to_owned())),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }
 
@@ -210,35 +273,35 @@ pub fn text_to_json(type_oid: u32, text: &str) -> Result<Value, ValueError> {
     Ok(Value::String(text.to_owned()))
 }
 
-fn convert_scalar(rule: Rule, text: &str) -> Result<Value, String> {
+fn convert_scalar(rule: Rule, text: &str) -> Result<Value, Malformed> {
     Ok(match rule {
         Rule::Bool => match text {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
-            _ => return Err("expected 't' or 'f'".into()),
+            _ => return Err(Malformed::Bool),
         },
-        Rule::Int => Value::from(text.parse::<i64>().map_err(|e| e.to_string())?),
+        Rule::Int => Value::from(text.parse::<i64>()?),
         Rule::Float => match text {
             "NaN" | "Infinity" | "-Infinity" => Value::String(text.to_owned()),
             _ => {
-                let f = text.parse::<f64>().map_err(|e| e.to_string())?;
-                Value::Number(serde_json::Number::from_f64(f).ok_or("not a finite number")?)
+                let f = text.parse::<f64>()?;
+                Value::Number(serde_json::Number::from_f64(f).ok_or(Malformed::NotFinite)?)
             }
         },
         Rule::Numeric => {
             if !is_numeric(text) {
-                return Err("expected a decimal number, NaN, Infinity or -Infinity".into());
+                return Err(Malformed::Numeric);
             }
             Value::String(text.to_owned())
         }
         Rule::Verbatim => Value::String(text.to_owned()),
         Rule::Uuid => {
             if !is_uuid(text) {
-                return Err("expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx (hex)".into());
+                return Err(Malformed::Uuid);
             }
             Value::String(text.to_owned())
         }
-        Rule::Json => json_text(text)?,
+        Rule::Json => json_text(text).map_err(|e| Malformed::Json(e.to_string()))?,
         Rule::Bytea => Value::String(base64::engine::general_purpose::STANDARD.encode(decode_bytea(text)?)),
         Rule::Timestamp => Value::String(timestamp(text, false)?),
         Rule::TimestampTz => Value::String(timestamp(text, true)?),
@@ -288,11 +351,11 @@ fn hex_val(b: u8) -> Option<u8> {
 }
 
 /// Hex format (`\x0a1b`) or, without the `\x` prefix, the legacy escape format.
-fn decode_bytea(text: &str) -> Result<Vec<u8>, String> {
+fn decode_bytea(text: &str) -> Result<Vec<u8>, Malformed> {
     if let Some(hex) = text.strip_prefix("\\x") {
         let digits = hex.as_bytes();
         if digits.len() % 2 != 0 {
-            return Err("odd number of hex digits".into());
+            return Err(Malformed::OddHexDigits);
         }
         return digits
             .chunks(2)
@@ -300,9 +363,9 @@ fn decode_bytea(text: &str) -> Result<Vec<u8>, String> {
             .map(|(i, pair)| match pair {
                 [h, l] => match (hex_val(*h), hex_val(*l)) {
                     (Some(h), Some(l)) => Ok(h << 4 | l),
-                    _ => Err(format!("invalid hex digit at position {}", 2 + 2 * i)),
+                    _ => Err(Malformed::HexDigit(2 + 2 * i)),
                 },
-                _ => Err("odd number of hex digits".into()),
+                _ => Err(Malformed::OddHexDigits),
             })
             .collect();
     }
@@ -325,19 +388,18 @@ fn decode_bytea(text: &str) -> Result<Vec<u8>, String> {
                 out.push((o1 - b'0') << 6 | (o2 - b'0') << 3 | (o3 - b'0'));
                 i += 4;
             }
-            _ => return Err(format!("invalid escape at position {i}")),
+            _ => return Err(Malformed::Escape(i)),
         }
     }
     Ok(out)
 }
 
 /// ISO `YYYY-MM-DD HH:MM:SS[.f][±HH[:MM[:SS]]]` → `YYYY-MM-DDTHH:MM:SS[.f][±HH:MM[:SS]]`.
-fn timestamp(text: &str, with_zone: bool) -> Result<String, String> {
+fn timestamp(text: &str, with_zone: bool) -> Result<String, Malformed> {
     if matches!(text, "infinity" | "-infinity") || text.ends_with(" BC") {
         return Ok(text.to_owned());
     }
-    let zone = if with_zone { "+HH[:MM]" } else { "" };
-    let bad = || format!("expected 'YYYY-MM-DD HH:MM:SS[.ffffff]{zone}' (DateStyle ISO)");
+    let bad = || Malformed::Timestamp { with_zone };
     let (date, rest) = text.split_once(' ').ok_or_else(bad)?;
     let date_ok = date.split('-').count() == 3 && date.split('-').all(all_digits);
     let (clock, offset) = match rest.find(['+', '-']) {
@@ -382,35 +444,35 @@ impl<'a> ArrayParser<'a> {
         }
     }
 
-    fn parse(mut self) -> Result<Value, String> {
+    fn parse(mut self) -> Result<Value, Malformed> {
         self.skip_ws();
         if self.peek() == Some(b'[') {
             // Dimension decoration such as "[0:1]" or "[1:2][1:3]", ended by '='.
             let eq = self.b.iter().position(|&c| c == b'=');
-            let eq = eq.ok_or("dimension decoration without '='")?;
+            let eq = eq.ok_or(ArrayFault::DecorationWithoutEquals)?;
             let deco = self.b.get(self.pos..eq).unwrap_or_default();
             if !deco.iter().all(|c| c.is_ascii_digit() || b"[]:-+".contains(c)) {
-                return Err("invalid dimension decoration".into());
+                return Err(ArrayFault::Decoration.into());
             }
             self.pos = eq + 1;
             self.skip_ws();
         }
         if self.peek() != Some(b'{') {
-            return Err(format!("expected '{{' at position {}", self.pos));
+            return Err(ArrayFault::ExpectedBrace(self.pos).into());
         }
         self.pos += 1;
         let value = self.level(1)?;
         self.skip_ws();
         match self.peek() {
             None => Ok(value),
-            Some(_) => Err(format!("text after the array at position {}", self.pos)),
+            Some(_) => Err(ArrayFault::TrailingText(self.pos).into()),
         }
     }
 
     /// Parses the items of one `{...}` level; the `{` has been consumed.
-    fn level(&mut self, depth: usize) -> Result<Value, String> {
+    fn level(&mut self, depth: usize) -> Result<Value, Malformed> {
         if depth > MAX_ARRAY_DIMS {
-            return Err(format!("more than {MAX_ARRAY_DIMS} dimensions"));
+            return Err(ArrayFault::TooDeep.into());
         }
         let mut items = Vec::new();
         let mut nested: Option<bool> = None;
@@ -423,7 +485,7 @@ impl<'a> ArrayParser<'a> {
             self.skip_ws();
             let is_sub = self.peek() == Some(b'{');
             if *nested.get_or_insert(is_sub) != is_sub {
-                return Err(format!("mixed sub-arrays and elements at {}", self.pos));
+                return Err(ArrayFault::Mixed(self.pos).into());
             }
             let item = match self.peek() {
                 Some(b'{') => {
@@ -435,8 +497,8 @@ impl<'a> ArrayParser<'a> {
                     let s = self.quoted()?;
                     self.element_value(&s)?
                 }
-                Some(b',' | b'}') => return Err(format!("empty element at position {}", self.pos)),
-                None => return Err("unterminated array".into()),
+                Some(b',' | b'}') => return Err(ArrayFault::EmptyElement(self.pos).into()),
+                None => return Err(ArrayFault::Unterminated.into()),
                 Some(_) => match self.unquoted()? {
                     None => Value::Null,
                     Some(s) => self.element_value(&s)?,
@@ -450,36 +512,40 @@ impl<'a> ArrayParser<'a> {
                     self.pos += 1;
                     return Ok(Value::Array(items));
                 }
-                None => return Err("unterminated array".into()),
+                None => return Err(ArrayFault::Unterminated.into()),
                 Some(c) => {
-                    return Err(format!(
-                        "expected ',' or '}}' at position {}, found {:?}",
-                        self.pos, c as char
-                    ))
+                    return Err(ArrayFault::ExpectedSeparator {
+                        at: self.pos,
+                        found: c as char,
+                    }
+                    .into())
                 }
             }
         }
     }
 
-    fn element_value(&mut self, s: &str) -> Result<Value, String> {
+    fn element_value(&mut self, s: &str) -> Result<Value, Malformed> {
         self.count += 1;
-        text_to_json(self.element, s).map_err(|e| format!("element {}: {e}", self.count))
+        text_to_json(self.element, s).map_err(|e| Malformed::Element {
+            index: self.count,
+            error: Box::new(e),
+        })
     }
 
     /// The byte after a backslash at the current position.
-    fn escaped(&mut self) -> Result<u8, String> {
+    fn escaped(&mut self) -> Result<u8, ArrayFault> {
         let c = self.b.get(self.pos + 1).copied();
         self.pos += 2;
-        c.ok_or_else(|| "backslash at the end of the array".to_owned())
+        c.ok_or(ArrayFault::TrailingBackslash)
     }
 
     /// A quoted element; the opening `"` has been consumed.
-    fn quoted(&mut self) -> Result<String, String> {
+    fn quoted(&mut self) -> Result<String, Malformed> {
         let start = self.pos;
         let mut out = Vec::new();
         loop {
             match self.peek() {
-                None => return Err(format!("unterminated quoted element from {start}")),
+                None => return Err(ArrayFault::UnterminatedQuote(start).into()),
                 Some(b'"') => {
                     self.pos += 1;
                     break;
@@ -491,11 +557,11 @@ impl<'a> ArrayParser<'a> {
                 }
             }
         }
-        String::from_utf8(out).map_err(|e| e.to_string())
+        Ok(String::from_utf8(out)?)
     }
 
     /// An unquoted element up to `,` or `}`; `None` for an unescaped `NULL`.
-    fn unquoted(&mut self) -> Result<Option<String>, String> {
+    fn unquoted(&mut self) -> Result<Option<String>, Malformed> {
         let mut out = Vec::new();
         let mut escaped = false;
         // Length of `out` up to its last escaped byte: trailing whitespace after it is trimmed.
@@ -503,7 +569,13 @@ impl<'a> ArrayParser<'a> {
         loop {
             match self.peek() {
                 None | Some(b',' | b'}') => break,
-                Some(c @ (b'{' | b'"')) => return Err(format!("{:?} in unquoted element at {}", c as char, self.pos)),
+                Some(c @ (b'{' | b'"')) => {
+                    return Err(ArrayFault::InUnquoted {
+                        at: self.pos,
+                        found: c as char,
+                    }
+                    .into())
+                }
                 Some(b'\\') => {
                     out.push(self.escaped()?);
                     escaped = true;
@@ -522,7 +594,7 @@ impl<'a> ArrayParser<'a> {
         if !escaped && out.eq_ignore_ascii_case(b"NULL") {
             return Ok(None);
         }
-        String::from_utf8(out).map(Some).map_err(|e| e.to_string())
+        Ok(Some(String::from_utf8(out)?))
     }
 }
 
