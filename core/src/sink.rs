@@ -126,8 +126,11 @@ pub trait Sink: Send + Sync {
     fn name(&self) -> &str;
 
     /// Makes `target` ready to be written (a search index and its alias exist); `Ok(true)`
-    /// when it had to be created, i.e. holds nothing yet.
-    fn prepare<'a>(&'a self, target: &'a Target) -> BoxFuture<'a, Result<bool, SinkError>>;
+    /// when it had to be created, i.e. holds nothing yet. Sinks without such a step (a
+    /// Redis hash is created by its first write) keep this default.
+    fn prepare<'a>(&'a self, _target: &'a Target) -> BoxFuture<'a, Result<bool, SinkError>> {
+        Box::pin(async { Ok(false) })
+    }
 
     /// Writes the documents of one projection (see the module's contract).
     fn write<'a>(&'a self, target: &'a Target, docs: &'a [SinkDoc])

@@ -45,10 +45,6 @@ impl Sink for Scripted {
         &self.name
     }
 
-    fn prepare<'a>(&'a self, _: &'a Target) -> futures_util::future::BoxFuture<'a, Result<bool, SinkError>> {
-        Box::pin(async { Ok(false) })
-    }
-
     fn write<'a>(
         &'a self,
         _: &'a Target,

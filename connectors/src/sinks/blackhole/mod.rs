@@ -26,10 +26,6 @@ impl Sink for BlackholeSink {
         &self.name
     }
 
-    fn prepare<'a>(&'a self, _target: &'a Target) -> BoxFuture<'a, Result<bool, SinkError>> {
-        Box::pin(async { Ok(false) })
-    }
-
     fn write<'a>(
         &'a self,
         _target: &'a Target,

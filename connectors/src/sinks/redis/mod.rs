@@ -365,10 +365,6 @@ impl Sink for RedisSink {
         &self.name
     }
 
-    fn prepare<'a>(&'a self, _target: &'a Target) -> BoxFuture<'a, Result<bool, SinkError>> {
-        Box::pin(async { Ok(false) })
-    }
-
     fn write<'a>(
         &'a self,
         target: &'a Target,

@@ -33,25 +33,6 @@ impl PgSource {
     /// position `(cp, 0)`, below every streamed change, so they never overwrite one.
     pub(super) async fn snapshot(
         &self,
-        cp: Position,
-        progress: &mut HashMap<String, TableProgress>,
-        tx: &mpsc::Sender<SourceBatch>,
-        acks: &mut watch::Receiver<Option<Checkpoint>>,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Position>, SourceError> {
-        let (c, conn_task) = self
-            .connector()?
-            .connect()
-            .await
-            .map_err(|e| self.connect_failed("initial snapshot", e))?;
-        let r = self.snapshot_on(&c, cp, progress, tx, acks, shutdown).await;
-        drop(c);
-        let _ = conn_task.await;
-        r
-    }
-
-    async fn snapshot_on(
-        &self,
         c: &tokio_postgres::Client,
         cp: Position,
         progress: &mut HashMap<String, TableProgress>,

@@ -124,6 +124,23 @@ impl PgSource {
         self.error(e.kind, format!("{what}: {e}"))
     }
 
+    /// Runs `f` on a connection of its own, closed (and its task awaited) afterwards.
+    async fn on_connection<T>(
+        &self,
+        what: &str,
+        f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        let (client, conn_task) = self
+            .connector()?
+            .connect()
+            .await
+            .map_err(|e| self.connect_failed(what, e))?;
+        let r = f(&client).await;
+        drop(client);
+        let _ = conn_task.await;
+        r
+    }
+
     fn status_interval(&self) -> Duration {
         Duration::from_millis(self.cfg.status_interval_ms)
     }
@@ -157,7 +174,10 @@ impl PgSource {
                             return Ok(());
                         }
                     }
-                    match self.snapshot(cp, &mut progress, &tx, &mut acks, &shutdown).await {
+                    let snapshot = self.on_connection("initial snapshot", async |c| {
+                        self.snapshot(c, cp, &mut progress, &tx, &mut acks, &shutdown).await
+                    });
+                    match snapshot.await {
                         Ok(Some(_)) if self.run.stop_after_snapshot => return Ok(()),
                         Ok(Some(from)) => {
                             loaded = true;

@@ -13,15 +13,8 @@ use viewkeeper_core::ErrorKind;
 impl PgSource {
     /// Checks the server and creates the publication and slot when missing.
     pub(super) async fn prepare(&self, has_checkpoint: bool) -> Result<Start, SourceError> {
-        let (client, conn_task) = self
-            .connector()?
-            .connect()
+        self.on_connection("postgres", async |c| self.prepare_on(c, has_checkpoint).await)
             .await
-            .map_err(|e| self.connect_failed("postgres", e))?;
-        let r = self.prepare_on(&client, has_checkpoint).await;
-        drop(client);
-        let _ = conn_task.await;
-        r
     }
 
     async fn prepare_on(&self, c: &tokio_postgres::Client, has_checkpoint: bool) -> Result<Start, SourceError> {

@@ -82,21 +82,13 @@ impl PgSource {
     /// Writes a non-transactional logical message into this database's WAL: the slot
     /// sees it and moves on even when no published table changes. Best effort.
     async fn heartbeat(&self) {
-        let r: Result<(), SourceError> = async {
-            let (c, task) = self
-                .connector()?
-                .connect()
-                .await
-                .map_err(|e| self.connect_failed("heartbeat", e))?;
-            let r = c
-                .batch_execute("SELECT pg_logical_emit_message(false, 'viewkeeper_heartbeat', now()::text)")
-                .await
-                .map_err(|e| self.sql_error("heartbeat", &e));
-            drop(c);
-            let _ = task.await;
-            r
-        }
-        .await;
+        let r = self
+            .on_connection("heartbeat", async |c| {
+                c.batch_execute("SELECT pg_logical_emit_message(false, 'viewkeeper_heartbeat', now()::text)")
+                    .await
+                    .map_err(|e| self.sql_error("heartbeat", &e))
+            })
+            .await;
         if let Err(e) = r {
             debug!(source = %self.name, error = %e, "heartbeat failed");
         }
@@ -106,22 +98,18 @@ impl PgSource {
     /// warns past `max_retained_wal_bytes`. Best effort: a failed query is only logged.
     async fn check_slot(&self) {
         let retained: Result<Option<(i64, i64)>, SourceError> = async {
-            let (c, task) = self
-                .connector()?
-                .connect()
-                .await
-                .map_err(|e| self.connect_failed("slot check", e))?;
-            let r = c
-                .query_opt(
-                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
-                     FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.cfg.slot],
-                )
-                .await
-                .map_err(|e| self.sql_error("slot check", &e));
-            drop(c);
-            let _ = task.await;
-            Ok(r?.and_then(|row| Some((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))))
+            let row = self
+                .on_connection("slot check", async |c| {
+                    c.query_opt(
+                        "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&self.cfg.slot],
+                    )
+                    .await
+                    .map_err(|e| self.sql_error("slot check", &e))
+                })
+                .await?;
+            Ok(row.and_then(|row| Some((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?))))
         }
         .await;
         match retained {
