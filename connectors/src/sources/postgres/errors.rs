@@ -28,8 +28,7 @@ pub fn kind_of_state(code: &str) -> ErrorKind {
 pub fn kind_of_sql(e: &tokio_postgres::Error) -> ErrorKind {
     match e.code() {
         Some(state) => kind_of_state(state.code()),
-        None if e.is_closed() => ErrorKind::Unavailable,
-        // No server code: the connection itself failed (refused, reset, timed out).
+        // No server code: the connection itself failed (refused, reset, closed, timed out).
         None => ErrorKind::Unavailable,
     }
 }
