@@ -16,6 +16,12 @@ Workloads (sizes from the command line; defaults are the issue's, --quick is sma
   fan-out        one product rename referenced by 300 orders, one by F orders: visible_ms
   stream-cache   product price updates (all products per transaction) into Redis (viewkeeper
                  only: PGSync has no cache sink): changes/s, lag p50/p99
+  big-transaction  one UPDATE of 2,000,000 rows streamed into a Redis cache (viewkeeper only):
+                 seconds from its commit to the slot confirming it, peak RSS
+The stream workloads run twice: live (the tool streams while the changes commit) and catch-up
+(the tool is frozen with SIGSTOP while they commit, then thawed): `changes_per_s` is the
+catch-up rate, the tool's own throughput over a backlog, as the pg_recvlogical baseline reads
+one; `live_*` are the live run's figures, bounded by the producer's rate too.
 Each workload also reports the worker's peak RSS and its state-store size.
 """
 
@@ -76,10 +82,10 @@ def cursor(db):
         c.close()
 
 
-def sql(db, *stmts):
+def sql(db, *stmts, params=None):
     with cursor(db) as cur:
         for s in stmts:
-            cur.execute(s)
+            cur.execute(s, params)
         try:
             return cur.fetchall()
         except psycopg2.ProgrammingError:
@@ -464,6 +470,13 @@ class Proc:
     def alive(self):
         return self.p.poll() is None
 
+    def freeze(self):
+        """SIGSTOP the process group: it reads nothing while the workload commits."""
+        os.killpg(self.p.pid, signal.SIGSTOP)
+
+    def thaw(self):
+        os.killpg(self.p.pid, signal.SIGCONT)
+
     def tail(self, n=30):
         with open(self.logpath, "rb") as f:
             return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
@@ -598,11 +611,34 @@ def drive_status_updates(db, table, a, tag):
 
 
 def measure_stream_orders(db, table, a, tag, proc):
+    """Live: the tool streams while the updates commit (bounded by the producer's rate as
+    much as by the tool's). Catch-up: the tool is frozen (SIGSTOP) while the same number of
+    updates commit, then thawed: its own rate over a backlog, as pg_recvlogical's baseline
+    reads one."""
+    live = measure_stream_orders_once(db, table, a, tag, proc, frozen=False)
+    caught = measure_stream_orders_once(db, table, a, tag + "c", proc, frozen=True)
+    out = {k: caught[k] for k in ("changes", "visible", "completed", "changes_per_s", "lag_p50_ms", "lag_p99_ms")}
+    out["catchup_seconds"] = caught["seconds"]
+    out.update({f"live_{k}": live[k] for k in ("changes_per_s", "produce_changes_per_s", "lag_p50_ms",
+                                                 "lag_p99_ms", "lag_max_ms", "completed")})
+    out["rss_mb"] = max(live["rss_mb"], caught["rss_mb"])
+    return out
+
+
+def measure_stream_orders_once(db, table, a, tag, proc, frozen):
     EP.reset_watch()
     proc.reset_peak()
+    if frozen:
+        proc.freeze()
     t0 = time.monotonic()
-    commits = drive_status_updates(db, table, a, tag)
+    try:
+        commits = drive_status_updates(db, table, a, tag)
+    finally:
+        if frozen:
+            proc.thaw()
     produced = time.monotonic()
+    if frozen:
+        t0 = produced  # the rate counts from the thaw
     total = len(commits) * TX_ROWS
 
     def done():
@@ -616,15 +652,28 @@ def measure_stream_orders(db, table, a, tag, proc):
     visible = sum(len(v) for v in arr.values())
     last = max((max(v.values()) for v in arr.values() if v), default=time.monotonic())
     return {"changes": total, "visible": visible, "completed": finished,
-            "changes_per_s": r1(visible / max(last - t0, 1e-6)),
-            "produce_changes_per_s": r1(total / max(produced - t0, 1e-6)),
+            "changes_per_s": r1(visible / max(last - t0, 1e-6)), "seconds": r1(last - t0),
+            "produce_changes_per_s": r1(total / max(produced - t0, 1e-6)) if not frozen else None,
             "lag_p50_ms": r1(pct(lags, 50)), "lag_p99_ms": r1(pct(lags, 99)), "lag_max_ms": r1(max(lags, default=None)),
             "rss_mb": proc.peak_mb()}
 
 
 def measure_stream_cache(db, a, proc):
+    """Live, then catch-up (see measure_stream_orders); the pg_recvlogical baseline reads the
+    live run's transactions."""
+    live, end_lsn = measure_stream_cache_once(db, a, proc, base=1000, frozen=False)
+    caught, _ = measure_stream_cache_once(db, a, proc, base=1000 + live["transactions"], frozen=True)
+    out = {k: caught[k] for k in ("changes", "transactions", "completed", "changes_per_s", "lag_p50_ms", "lag_p99_ms")}
+    out["catchup_seconds"] = caught["seconds"]
+    out.update({f"live_{k}": live[k] for k in ("changes_per_s", "produce_changes_per_s", "lag_p50_ms",
+                                                 "lag_p99_ms", "lag_max_ms", "completed")})
+    out["rss_mb"] = max(live["rss_mb"], caught["rss_mb"])
+    return out, end_lsn
+
+
+def measure_stream_cache_once(db, a, proc, base, frozen):
     """stream-cache: `a.stream_cache` price updates, every product once per transaction; the
-    price of transaction k is 1000 + k. A poller reads a spread sample of the cache entries
+    price of transaction k is base + k. A poller reads a spread sample of the cache entries
     (pipelined HGET) and notes when each transaction's price (or a later one) shows."""
     r = redislib.Redis(host="127.0.0.1", port=REDIS_PORT, db=REDIS_DB)
     sample = sorted({1 + (i * a.products) // 8 for i in range(8)})
@@ -643,7 +692,7 @@ def measure_stream_cache(db, a, proc):
             for pid, v in zip(sample, vals):
                 if v is None:
                     continue
-                k = int(round(float(v))) - 1000
+                k = int(round(float(v))) - base
                 if k > latest[pid]:
                     for j in range(latest[pid] + 1, min(k, n_tx - 1) + 1):
                         seen[pid][j] = now
@@ -653,17 +702,28 @@ def measure_stream_cache(db, a, proc):
             time.sleep(0.0005)
 
     proc.reset_peak()
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
     conn = psycopg2.connect(host="127.0.0.1", port=PG_PORT, user="postgres", dbname=db)
     cur = conn.cursor()
     commits = {}
+    if frozen:
+        proc.freeze()
+    else:
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
     t0 = time.monotonic()
-    for k in range(n_tx):
-        cur.execute("UPDATE products SET price = %s, updated_at = now()", (1000 + k,))
-        conn.commit()
-        commits[k] = time.monotonic()
+    try:
+        for k in range(n_tx):
+            cur.execute("UPDATE products SET price = %s, updated_at = now()", (base + k,))
+            conn.commit()
+            commits[k] = time.monotonic()
+    finally:
+        if frozen:
+            proc.thaw()
     produced = time.monotonic()
+    if frozen:
+        t0 = produced
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
     cur.execute("SELECT pg_current_wal_lsn()::text")
     end_lsn = cur.fetchone()[0]
     conn.close()
@@ -676,8 +736,8 @@ def measure_stream_cache(db, a, proc):
     total = n_tx * a.products
     visible_tx = min(len(s) for s in seen.values())
     return {"changes": total, "transactions": n_tx, "completed": finished,
-            "changes_per_s": r1(visible_tx * a.products / max(last - t0, 1e-6)),
-            "produce_changes_per_s": r1(total / max(produced - t0, 1e-6)),
+            "changes_per_s": r1(visible_tx * a.products / max(last - t0, 1e-6)), "seconds": r1(last - t0),
+            "produce_changes_per_s": r1(total / max(produced - t0, 1e-6)) if not frozen else None,
             "lag_p50_ms": r1(pct(lags, 50)), "lag_p99_ms": r1(pct(lags, 99)), "lag_max_ms": r1(max(lags, default=None)),
             "rss_mb": proc.peak_mb()}, end_lsn
 
@@ -808,6 +868,99 @@ def run_viewkeeper(a, port, results, baselines):
         w.stop()
     baselines["pg_recvlogical"] = recvlogical(dbs["catalog"], slot, end_lsn, a)
     results["viewkeeper"] = out
+
+
+BULK_CONFIG = """\
+data_dir = "{data}"
+
+[sources.bulk]
+kind = "postgres"
+url = "{url}"
+slot = "bench_bulk"
+publication = "bench_bulk"
+snapshot = "never"
+
+[tables.products]
+source = "bulk"
+name = "public.products"
+
+[sinks.cache]
+kind = "redis"
+url = "redis://127.0.0.1:{redis_port}/{redis_db}"
+
+[projections.bulk_products]
+root = "products"
+sink = "cache"
+key = "bulk:product:{{id}}"
+fields = ["sku", "name", "price", "status"]
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"""
+
+
+def run_big_transaction(a, results):
+    """big-transaction: one UPDATE of `a.big_transaction` rows of a table of that size, streamed
+    (snapshot = "never": the worker meets every row first in that transaction) into a Redis
+    cache. `seconds` = from the COMMIT to the slot confirming the commit's LSN (the worker
+    acknowledges only what the state store and Redis made durable); `rss_mb` = the worker's
+    peak over the workload."""
+    db, n = "bench_bulk", a.big_transaction
+    for s in sql("postgres", f"SELECT slot_name FROM pg_replication_slots WHERE database = '{db}'"):
+        sql("postgres", f"SELECT pg_drop_replication_slot('{s[0]}')")
+    sql("postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)", f"CREATE DATABASE {db}")
+    ddl = table_ddl()["products"]
+    log(f"viewkeeper: big-transaction: loading {n:,} products")
+    sql(db, *[d.format(t="products") for d in ddl],
+        f"INSERT INTO products(id, sku, name, description, price, status, updated_at)"
+        f" SELECT g, 'SKU-' || g, 'Product ' || g, 'A fine product', 10, 'active', now()"
+        f" FROM generate_series(1, {n}) g", "ANALYZE products")
+    data = os.path.join(OUT, "viewkeeper-bulk-data")
+    shutil.rmtree(data, ignore_errors=True)
+    http_port = free_port()
+    cfg = os.path.join(OUT, "bulk.toml")
+    with open(cfg, "w") as f:
+        f.write(BULK_CONFIG.format(data=data, url=pg_url(db), redis_port=REDIS_PORT, redis_db=REDIS_DB + 2,
+                                   http_port=http_port))
+    r = redislib.Redis(host="127.0.0.1", port=REDIS_PORT, db=REDIS_DB + 2)
+    r.flushdb()
+    env = dict(os.environ)
+    env.pop("RUST_LOG", None)
+    w = Proc("viewkeeper-bulk", [VK_BIN, "run", "--config", cfg], env=env)
+    try:
+        if not wait_for("viewkeeper (bulk) /readyz", lambda: http_ok(f"http://127.0.0.1:{http_port}/readyz"), 60, w,
+                        poll=0.05):
+            raise SystemExit(f"bench: viewkeeper (bulk) not ready within 60 s:\n{w.tail()}")
+        w.reset_peak()
+        log(f"viewkeeper: big-transaction: UPDATE of {n:,} rows")
+        with profiled("big-transaction"):
+            t0 = time.monotonic()
+            with cursor(db) as cur:
+                cur.execute("UPDATE products SET price = price + 1, updated_at = now()")
+            committed = time.monotonic()
+            with cursor(db) as cur:
+                cur.execute("SELECT pg_current_wal_lsn()::text")
+                end_lsn = cur.fetchone()[0]
+
+            def confirmed():
+                row = sql("postgres", "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots"
+                          " WHERE slot_name = 'bench_bulk'", params=(end_lsn,))
+                return bool(row and row[0][0])
+
+            finished = wait_for("big-transaction", confirmed, a.timeout * 4, w, poll=0.1)
+            done = time.monotonic()
+        sample = [1, n // 2, n]
+        prices = [r.hget(f"bulk:product:{i}", "price") for i in sample]
+        out = {"rows": n, "completed": finished and all(p == b"11.00" for p in prices),
+               "seconds": r1(done - committed), "update_statement_seconds": r1(committed - t0),
+               "changes_per_s": r1(n / max(done - committed, 1e-6)), "rss_mb": w.peak_mb(),
+               "state_mb": dir_mb(data), "sample_prices": [p.decode() if p else None for p in prices]}
+    finally:
+        w.stop()
+    sql("postgres", f"SELECT pg_drop_replication_slot('bench_bulk')")
+    sql("postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    r.flushdb()
+    results.setdefault("viewkeeper", {})["big-transaction"] = out
 
 
 def repeat_fanout(a, size, run):
@@ -1050,13 +1203,15 @@ def table(res):
     rows.append(("backfill docs/s", g("backfill", "viewkeeper", "docs_per_s"), g("backfill", "pgsync", "docs_per_s")))
     rows.append(("backfill seconds", g("backfill", "viewkeeper", "seconds"), g("backfill", "pgsync", "seconds")))
     rows.append(("backfill peak RSS MB", g("backfill", "viewkeeper", "rss_mb"), g("backfill", "pgsync", "rss_mb")))
-    for k in ("changes_per_s", "lag_p50_ms", "lag_p99_ms", "rss_mb"):
+    for k in ("changes_per_s", "live_changes_per_s", "live_lag_p50_ms", "live_lag_p99_ms", "rss_mb"):
         rows.append((f"stream-orders {k}", g("stream-orders", "viewkeeper", k), g("stream-orders", "pgsync", k)))
     for n in ("small", "large"):
         rows.append((f"fan-out {n} ({g('fan-out', 'viewkeeper', n, 'orders')} orders) visible_ms",
                      g("fan-out", "viewkeeper", n, "visible_ms"), g("fan-out", "pgsync", n, "visible_ms")))
-    for k in ("changes_per_s", "lag_p50_ms", "lag_p99_ms", "rss_mb"):
+    for k in ("changes_per_s", "live_changes_per_s", "live_lag_p50_ms", "live_lag_p99_ms", "rss_mb"):
         rows.append((f"stream-cache {k}", g("stream-cache", "viewkeeper", k), None))
+    for k in ("seconds", "changes_per_s", "rss_mb"):
+        rows.append((f"big-transaction {k}", g("big-transaction", "viewkeeper", k), None))
     lines = [f"{'':44} {'viewkeeper':>12} {'pgsync':>12} {'ratio':>8}"]
     for name, v, p in rows:
         rt = ratio(v, p) if v is not None and p is not None else None
@@ -1080,6 +1235,7 @@ def main():
     ap.add_argument("--stream-orders", type=int)
     ap.add_argument("--stream-cache", type=int)
     ap.add_argument("--fanout-large", type=int)
+    ap.add_argument("--big-transaction", type=int, default=2000000, help="rows of the one big UPDATE (0: skip)")
     ap.add_argument("--fanout-repeats", type=int, default=5,
                     help="renames of the 300-order product (half as many of the large one); the median counts")
     ap.add_argument("--timeout", type=float, help="seconds to wait for one workload to become visible")
@@ -1112,8 +1268,12 @@ def main():
         run_viewkeeper(a, port, per_tool, res["baselines"])
     if a.only in (None, "pgsync"):
         run_pgsync(a, port, per_tool)
-    for w in ("backfill", "stream-orders", "fan-out", "stream-cache"):
-        res["workloads"][w] = {t: per_tool[t][w] for t in ("viewkeeper", "pgsync") if t in per_tool}
+    if a.only in (None, "viewkeeper") and a.big_transaction:
+        run_big_transaction(a, per_tool)
+    for w in ("backfill", "stream-orders", "fan-out", "stream-cache", "big-transaction"):
+        ran = {t: per_tool[t][w] for t in ("viewkeeper", "pgsync") if w in per_tool.get(t, {})}
+        if ran:
+            res["workloads"][w] = ran
     log("baselines: redis-benchmark")
     res["baselines"]["redis_hset"] = redis_benchmark(a)
     if not a.no_reference:
@@ -1130,6 +1290,10 @@ def main():
                                                 res["baselines"].get("pg_recvlogical", {}).get("changes_per_s")),
         "stream_orders_vs_pgsync": ratio(get("stream-orders", "viewkeeper", "changes_per_s"),
                                          get("stream-orders", "pgsync", "changes_per_s")),
+        "stream_orders_live_vs_pgsync": ratio(get("stream-orders", "viewkeeper", "live_changes_per_s"),
+                                              get("stream-orders", "pgsync", "live_changes_per_s")),
+        "stream_cache_live_vs_pg_recvlogical": ratio(get("stream-cache", "viewkeeper", "live_changes_per_s"),
+                                                     res["baselines"].get("pg_recvlogical", {}).get("changes_per_s")),
         "backfill_vs_pgsync": ratio(get("backfill", "viewkeeper", "docs_per_s"), get("backfill", "pgsync", "docs_per_s")),
         "fan_out_small_speedup_vs_pgsync": ratio(get("fan-out", "pgsync", "small", "visible_ms"),
                                                  get("fan-out", "viewkeeper", "small", "visible_ms")),

@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use viewkeeper::config::Config;
 
+/// mimalloc instead of glibc's malloc: allocation was 40% of the worker's time in the
+/// backfill profile, and glibc's per-thread arenas inflated the streaming RSS (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "viewkeeper",
