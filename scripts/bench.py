@@ -432,6 +432,20 @@ class Proc:
                 pass
         return total
 
+    def cpu_s(self):
+        """CPU seconds (user + system) of the process tree so far: unlike wall time, hardly
+        moved by other work on the machine."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.session_pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / tick
+
     def _sample(self):
         n = 0
         pids = None
@@ -444,14 +458,28 @@ class Proc:
 
     def reset_peak(self):
         self.peak_kb = self.tree_rss_kb()
+        self.cpu0 = self.cpu_s()
+
+    def cpu_since_reset(self):
+        return round(self.cpu_s() - getattr(self, "cpu0", 0.0), 2)
 
     def peak_mb(self):
         return round(max(self.peak_kb, self.tree_rss_kb()) / 1024.0, 1)
 
     def wait(self, timeout=None):
-        rc = self.p.wait(timeout=timeout)
+        """Waits for the process to exit; its CPU seconds are then in `self.exit_cpu_s`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pid, status, ru = os.wait4(self.p.pid, os.WNOHANG)
+            if pid:
+                self.p.returncode = os.waitstatus_to_exitcode(status)
+                self.exit_cpu_s = round(ru.ru_utime + ru.ru_stime, 2)
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.name, timeout)
+            time.sleep(0.01)
         self._stop.set()
-        return rc
+        return self.p.returncode
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
         if self.p.poll() is None:
@@ -490,7 +518,9 @@ def profiled(name):
         yield
         return
     out = os.path.join(OUT, f"perf-{name}.data")
-    p = subprocess.Popen(["perf", "record", "-a", "-g", "-e", "cpu-clock", "-F", "499", "-o", out],
+    # VK_BENCH_PERF_CALLGRAPH=dwarf unwinds without frame pointers (bigger files).
+    cg = os.environ.get("VK_BENCH_PERF_CALLGRAPH", "fp")
+    p = subprocess.Popen(["perf", "record", "-a", "--call-graph", cg, "-e", "cpu-clock", "-F", "499", "-o", out],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
@@ -617,7 +647,8 @@ def measure_stream_orders(db, table, a, tag, proc):
     reads one."""
     live = measure_stream_orders_once(db, table, a, tag, proc, frozen=False)
     caught = measure_stream_orders_once(db, table, a, tag + "c", proc, frozen=True)
-    out = {k: caught[k] for k in ("changes", "visible", "completed", "changes_per_s", "lag_p50_ms", "lag_p99_ms")}
+    out = {k: caught[k] for k in ("changes", "visible", "completed", "changes_per_s", "lag_p50_ms", "lag_p99_ms",
+                                  "cpu_us_per_change")}
     out["catchup_seconds"] = caught["seconds"]
     out.update({f"live_{k}": live[k] for k in ("changes_per_s", "produce_changes_per_s", "lag_p50_ms",
                                                  "lag_p99_ms", "lag_max_ms", "completed")})
@@ -655,7 +686,7 @@ def measure_stream_orders_once(db, table, a, tag, proc, frozen):
             "changes_per_s": r1(visible / max(last - t0, 1e-6)), "seconds": r1(last - t0),
             "produce_changes_per_s": r1(total / max(produced - t0, 1e-6)) if not frozen else None,
             "lag_p50_ms": r1(pct(lags, 50)), "lag_p99_ms": r1(pct(lags, 99)), "lag_max_ms": r1(max(lags, default=None)),
-            "rss_mb": proc.peak_mb()}
+            "rss_mb": proc.peak_mb(), "cpu_us_per_change": r1(proc.cpu_since_reset() * 1e6 / max(total, 1))}
 
 
 def measure_stream_cache(db, a, proc):
@@ -663,7 +694,8 @@ def measure_stream_cache(db, a, proc):
     live run's transactions."""
     live, end_lsn = measure_stream_cache_once(db, a, proc, base=1000, frozen=False)
     caught, _ = measure_stream_cache_once(db, a, proc, base=1000 + live["transactions"], frozen=True)
-    out = {k: caught[k] for k in ("changes", "transactions", "completed", "changes_per_s", "lag_p50_ms", "lag_p99_ms")}
+    out = {k: caught[k] for k in ("changes", "transactions", "completed", "changes_per_s", "lag_p50_ms", "lag_p99_ms",
+                                  "cpu_us_per_change")}
     out["catchup_seconds"] = caught["seconds"]
     out.update({f"live_{k}": live[k] for k in ("changes_per_s", "produce_changes_per_s", "lag_p50_ms",
                                                  "lag_p99_ms", "lag_max_ms", "completed")})
@@ -737,6 +769,7 @@ def measure_stream_cache_once(db, a, proc, base, frozen):
     visible_tx = min(len(s) for s in seen.values())
     return {"changes": total, "transactions": n_tx, "completed": finished,
             "changes_per_s": r1(visible_tx * a.products / max(last - t0, 1e-6)), "seconds": r1(last - t0),
+            "cpu_us_per_change": r1(proc.cpu_since_reset() * 1e6 / max(total, 1)),
             "produce_changes_per_s": r1(total / max(produced - t0, 1e-6)) if not frozen else None,
             "lag_p50_ms": r1(pct(lags, 50)), "lag_p99_ms": r1(pct(lags, 99)), "lag_max_ms": r1(max(lags, default=None)),
             "rss_mb": proc.peak_mb()}, end_lsn
@@ -833,7 +866,8 @@ def run_viewkeeper(a, port, results, baselines):
         raise SystemExit(f"bench: viewkeeper backfill failed ({rc}):\n{bf.tail()}")
     docs = EP.docs - docs0
     out["backfill"] = {"orders": a.orders, "docs": docs, "seconds": round(took, 2),
-                       "docs_per_s": r1(a.orders / took), "rss_mb": bf.peak_mb(), "state_mb": dir_mb(data)}
+                       "docs_per_s": r1(a.orders / took), "rss_mb": bf.peak_mb(), "state_mb": dir_mb(data),
+                       "cpu_s": bf.exit_cpu_s}
 
     w = Proc("viewkeeper-run", [VK_BIN, "run", "--config", cfg], env=env)
     try:
@@ -1086,7 +1120,8 @@ def run_pgsync(a, port, results):
     if rc != 0:
         raise SystemExit(f"bench: pgsync backfill failed ({rc}):\n{bf.tail()}")
     out["backfill"] = {"orders": a.orders, "docs": EP.docs - docs0, "seconds": round(took, 2),
-                       "docs_per_s": r1(a.orders / took), "rss_mb": bf.peak_mb(), "state_mb": dir_mb(d)}
+                       "docs_per_s": r1(a.orders / took), "rss_mb": bf.peak_mb(), "state_mb": dir_mb(d),
+                       "cpu_s": bf.exit_cpu_s}
     w = Proc("pgsync-daemon", [f"{bindir}/pgsync", "--config", schema, "--daemon"], env=env, cwd=d)
     try:
         probe(db, names["orders"], "bprobe", w, 120)

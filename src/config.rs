@@ -76,6 +76,9 @@ pub struct EngineConfig {
     /// machine's cores, at most 4.
     #[serde(default)]
     pub render_threads: Option<usize>,
+    /// Rows the state store keeps in memory for applying and rendering (0: none).
+    #[serde(default = "EngineConfig::default_row_cache_rows")]
+    pub row_cache_rows: usize,
 }
 
 impl EngineConfig {
@@ -97,6 +100,9 @@ impl EngineConfig {
     fn default_drain_timeout_ms() -> u64 {
         10_000
     }
+    fn default_row_cache_rows() -> usize {
+        crate::store::DEFAULT_ROW_CACHE
+    }
     fn default_pipeline_batches() -> usize {
         4
     }
@@ -116,6 +122,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             max_batch_changes: Self::default_max_batch_changes(),
+            row_cache_rows: Self::default_row_cache_rows(),
             queue_transactions: Self::default_queue_transactions(),
             queue_changes: Self::default_queue_changes(),
             retry_min_ms: Self::default_retry_min_ms(),

@@ -22,6 +22,7 @@
 //! * Other processes (status, verify, dlq) may open the file read-only while the
 //!   worker writes; WAL mode gives them consistent snapshots.
 
+mod cache;
 mod checkpoints;
 mod clock;
 mod dead_letters;
@@ -35,7 +36,9 @@ pub use merge::Applied;
 pub use shape::{ShapeError, WorkerLock};
 pub use viewkeeper_core::DeadLetter;
 
+use cache::{Overlay, RowCache};
 use rusqlite::{params, Connection, OpenFlags, Transaction};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use viewkeeper_projections::spec::TableSpec;
@@ -77,7 +80,12 @@ pub struct Store {
     catalog: Catalog,
     /// The data dir (for [`Store::reader`]).
     dir: std::path::PathBuf,
+    /// Rows and TRUNCATE watermarks in memory ([`cache`]).
+    cache: RefCell<RowCache>,
 }
+
+/// Rows a store keeps in memory unless told otherwise ([`Store::set_row_cache`]).
+pub const DEFAULT_ROW_CACHE: usize = 50_000;
 
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -158,6 +166,7 @@ impl Store {
             conn,
             catalog,
             dir: dir.to_path_buf(),
+            cache: RefCell::new(RowCache::new(DEFAULT_ROW_CACHE)),
         };
         store.sync_indexes()?;
         Ok(store)
@@ -172,6 +181,7 @@ impl Store {
             conn,
             catalog,
             dir: dir.to_path_buf(),
+            cache: RefCell::new(RowCache::new(DEFAULT_ROW_CACHE)),
         };
         store.check_fits()?;
         Ok(store)
@@ -191,7 +201,15 @@ impl Store {
             conn,
             catalog,
             dir: dir.to_path_buf(),
+            // Reads outside write transactions do not use cached rows (nothing would tell
+            // them that the worker wrote meanwhile); the TRUNCATE watermarks are read once.
+            cache: RefCell::new(RowCache::new(0)),
         })
+    }
+
+    /// How many rows write transactions keep in memory (0: none).
+    pub fn set_row_cache(&mut self, rows: usize) {
+        self.cache = RefCell::new(RowCache::new(rows));
     }
 
     /// Another read-only connection to the same file (a renderer on another thread).
@@ -208,12 +226,19 @@ impl Store {
     /// this wait (busy timeout) instead of failing at its first write with
     /// SQLITE_BUSY_SNAPSHOT, as a deferred transaction whose snapshot went stale does.
     pub fn begin(&mut self) -> Result<StoreTx<'_>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Store {
+            conn, catalog, cache, ..
+        } = self;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Holding the write lock: nobody else commits until this transaction ends.
+        let c = cache.get_mut();
+        c.check(&tx)?;
+        c.truncations(&tx, "")?;
         Ok(StoreTx {
             tx,
-            catalog: &self.catalog,
+            catalog,
+            cache,
+            overlay: RefCell::default(),
         })
     }
 
@@ -284,11 +309,17 @@ fn meta_set(conn: &Connection, k: &str, v: Option<&str>) -> Result<(), StoreErro
 pub struct StoreTx<'a> {
     tx: Transaction<'a>,
     catalog: &'a Catalog,
+    cache: &'a RefCell<RowCache>,
+    /// What this transaction wrote, for the cache once it commits.
+    overlay: RefCell<Overlay>,
 }
 
 impl StoreTx<'_> {
     pub fn commit(self) -> Result<(), StoreError> {
-        Ok(self.tx.commit()?)
+        let StoreTx { tx, cache, overlay, .. } = self;
+        tx.commit()?;
+        cache.borrow_mut().absorb(overlay.into_inner());
+        Ok(())
     }
 }
 

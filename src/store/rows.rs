@@ -2,6 +2,7 @@
 //! indexes of joins (`idx`: table, columns, canonical values, key) and the truncate
 //! watermarks, behind the [`Rows`] trait the merge rules use.
 
+use super::cache::first_after;
 use super::merge::{self, Applied, Rows, Stored, TableRules};
 use super::{meta_get, meta_set, Store, StoreError, StoreTx};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -171,9 +172,10 @@ impl StoreTx<'_> {
     }
 }
 
-impl Rows for StoreTx<'_> {
-    fn load(&self, table: &str, key: &Key) -> Result<Option<Stored>, StoreError> {
-        let mut st = self.tx.prepare_cached(
+/// The stored row of `table` with `key`, as SQLite has it.
+pub(super) fn load_stored(conn: &Connection, table: &str, key: &Key) -> Result<Option<Stored>, StoreError> {
+    {
+        let mut st = conn.prepare_cached(
             "SELECT image, pos_major, pos_minor, tomb_kind, tomb_at, origin, origin_offset FROM rows
              WHERE tbl = ?1 AND key = ?2",
         )?;
@@ -201,6 +203,21 @@ impl Rows for StoreTx<'_> {
         })
         .transpose()
     }
+}
+
+impl Rows for StoreTx<'_> {
+    /// From what this transaction wrote, else the cache, else SQLite (then cached).
+    fn load(&self, table: &str, key: &Key) -> Result<Option<Stored>, StoreError> {
+        if let Some(s) = self.overlay.borrow().rows.get(&(table.to_string(), key.clone())) {
+            return Ok(s.clone());
+        }
+        if let Some(s) = self.cache.borrow_mut().get(table, key) {
+            return Ok(s);
+        }
+        let s = load_stored(&self.tx, table, key)?;
+        self.cache.borrow_mut().put(table, key, s.clone());
+        Ok(s)
+    }
 
     fn save(&self, table: &str, s: &Stored, replaced: Option<&Row>) -> Result<(), StoreError> {
         let (kind, at) = match &s.row.tombstone {
@@ -225,7 +242,12 @@ impl Rows for StoreTx<'_> {
             s.origin.as_ref().map(|o| o.stream.as_str()),
             s.origin.as_ref().map(|o| o.offset as i64),
         ])?;
-        self.reindex(table, &s.row.key, replaced, &s.row.image)
+        self.reindex(table, &s.row.key, replaced, &s.row.image)?;
+        self.overlay
+            .borrow_mut()
+            .rows
+            .insert((table.to_string(), s.row.key.clone()), Some(s.clone()));
+        Ok(())
     }
 
     fn keys(&self, table: &str) -> Result<Vec<Key>, StoreError> {
@@ -233,19 +255,16 @@ impl Rows for StoreTx<'_> {
     }
 
     fn truncated_after(&self, table: &str, pos: Position) -> Result<Option<(Position, i64)>, StoreError> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT pos_major, pos_minor, at_ms FROM truncations WHERE tbl = ?1 AND (pos_major, pos_minor) > (?2, ?3)
-                 ORDER BY pos_major, pos_minor LIMIT 1",
-            )?
-            .query_row(params![table, pos.major as i64, pos.minor as i64], |r| {
-                Ok((
-                    Position::new(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64),
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .optional()?)
+        let committed = first_after(self.cache.borrow_mut().truncations(&self.tx, table)?, pos);
+        let own = self
+            .overlay
+            .borrow()
+            .truncations
+            .iter()
+            .filter(|(t, p, _)| t == table && *p > pos)
+            .map(|(_, p, at)| (*p, *at))
+            .min();
+        Ok(committed.into_iter().chain(own).min())
     }
 
     fn add_truncation(&self, table: &str, pos: Position, at_ms: i64) -> Result<(), StoreError> {
@@ -253,6 +272,10 @@ impl Rows for StoreTx<'_> {
             "INSERT OR IGNORE INTO truncations(tbl, pos_major, pos_minor, at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![table, pos.major as i64, pos.minor as i64, at_ms],
         )?;
+        self.overlay
+            .borrow_mut()
+            .truncations
+            .push((table.to_string(), pos, at_ms));
         Ok(())
     }
 }

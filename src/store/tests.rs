@@ -531,3 +531,89 @@ fn one_worker_per_data_dir() {
     drop(lock);
     assert!(WorkerLock::acquire(dir.path()).is_ok());
 }
+
+/// The row as a write transaction sees it (through the row cache).
+fn get_in_tx(store: &mut Store, table: &str, key: Value) -> Option<StoredRow> {
+    let tx = store.begin().unwrap();
+    tx.get(table, &Key::from_values(key.as_array().unwrap())).unwrap()
+}
+
+fn name_of(row: Option<StoredRow>) -> Option<Value> {
+    row.and_then(|r| r.image.get("name").cloned())
+}
+
+#[test]
+fn the_row_cache_forgets_what_a_rolled_back_transaction_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), catalog()).unwrap();
+    apply(
+        &mut s,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("kept")))],
+            10,
+        ),
+    );
+    {
+        let tx = s.begin().unwrap();
+        tx.apply(&upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("undone")))],
+            11,
+        ))
+        .unwrap();
+        let t = Change {
+            op: Op::Truncate,
+            ..upsert("products", json!([1]), vec![], 12)
+        };
+        tx.apply(&t).unwrap();
+        assert_eq!(
+            name_of(tx.get("products", &Key::from_values(&[json!(1)])).unwrap()),
+            Some(json!("undone"))
+        );
+        // dropped: rolled back
+    }
+    let row = get_in_tx(&mut s, "products", json!([1])).unwrap();
+    assert_eq!(row.image["name"], json!("kept"));
+    assert!(row.tombstone.is_none(), "the rolled-back TRUNCATE is not remembered");
+}
+
+#[test]
+fn the_row_cache_sees_what_another_process_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Store::open(dir.path(), catalog()).unwrap();
+    apply(
+        &mut worker,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("old")))],
+            10,
+        ),
+    );
+    assert_eq!(
+        name_of(get_in_tx(&mut worker, "products", json!([1]))),
+        Some(json!("old"))
+    );
+    // A `dlq replay` or `verify --repair` beside the worker writes the row.
+    let mut beside = Store::open_beside(dir.path(), catalog()).unwrap();
+    apply(
+        &mut beside,
+        &upsert(
+            "products",
+            json!([1]),
+            vec![("id", v(json!(1))), ("name", v(json!("new")))],
+            11,
+        ),
+    );
+    let t = Change {
+        op: Op::Truncate,
+        ..upsert("products", json!([1]), vec![], 12)
+    };
+    apply(&mut beside, &t);
+    let row = get_in_tx(&mut worker, "products", json!([1])).unwrap();
+    assert_eq!(row.image["name"], json!("new"));
+    assert_eq!(row.tombstone.map(|t| t.kind), Some(TombstoneKind::Deleted));
+}

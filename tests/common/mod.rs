@@ -364,7 +364,12 @@ impl Shop {
     /// Starts the worker and waits until it streams from all three slots (changes
     /// committed before a slot exists are not in it).
     pub async fn worker(&self, config: &Path) -> Worker {
-        let w = Worker::start(config, &self.data_dir.path().join("data"));
+        self.worker_env(config, &[]).await
+    }
+
+    /// [`Shop::worker`] with extra environment variables (e.g. `VIEWKEEPER_PAUSE_DIR`).
+    pub async fn worker_env(&self, config: &Path, env: &[(&str, &Path)]) -> Worker {
+        let w = Worker::start_env(config, &self.data_dir.path().join("data"), env);
         let c = self.pg("catalog").await;
         let like = format!("{}\\_%", self.prefix.replace('_', "\\_"));
         wait_until(
@@ -398,6 +403,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(config: &Path, data_dir: &Path) -> Worker {
+        Worker::start_env(config, data_dir, &[])
+    }
+
+    /// [`Worker::start`] with extra environment variables.
+    pub fn start_env(config: &Path, data_dir: &Path, env: &[(&str, &Path)]) -> Worker {
         let log = data_dir.with_extension(format!(
             "log.{}",
             std::time::SystemTime::now()
@@ -406,7 +416,11 @@ impl Worker {
                 .as_nanos()
         ));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_viewkeeper"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(config)
