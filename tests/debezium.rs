@@ -365,3 +365,51 @@ async fn snapshots_and_truncates_order_by_lsn_across_partitions() {
     assert!(!active);
     converge(&shop, T).await;
 }
+
+/// Two workers in one consumer group would each hold some partitions and write
+/// half-joined documents: both hold (read nothing, say why, not ready) until one leaves;
+/// then the other takes every partition and applies what was sent meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_in_the_group_makes_both_hold_until_it_leaves() {
+    let shop = Shop::new("dbzgroup").await;
+    let mut dbz = Debezium::new(&shop).await;
+    let cfg = shop.config_from("shop-debezium.toml", "");
+    let a = Worker::start(&cfg, &shop.data_dir.path().join("a"));
+    dbz.dml(
+        &shop,
+        &PRODUCTS,
+        "INSERT INTO products(id, sku, name, price) VALUES (1, 'x', 'first', 1)",
+        &[],
+    )
+    .await;
+    converge(&shop, T).await;
+
+    let mut b = Worker::start(&cfg, &shop.data_dir.path().join("b"));
+    let holding = |w: &Worker| w.log_text().contains("another member shares consumer group");
+    wait_until("both workers hold", T, || async {
+        (holding(&a) && holding(&b)).then_some(())
+    })
+    .await;
+    dbz.dml(
+        &shop,
+        &PRODUCTS,
+        "UPDATE products SET name = 'while held' WHERE id = 1",
+        &[],
+    )
+    .await;
+    dbz.dml(
+        &shop,
+        &PRODUCTS,
+        "INSERT INTO products(id, sku, name, price) VALUES (2, 'y', 'second', 2)",
+        &[],
+    )
+    .await;
+    assert_eq!(b.terminate(), Some(0));
+    // The one left takes every partition again and reads what was sent meanwhile.
+    converge(&shop, T).await;
+    let mut r = shop.redis().await;
+    let name: Option<String> = redis::AsyncCommands::hget(&mut r, shop.key("ordering:product:1"), "name")
+        .await
+        .unwrap();
+    assert_eq!(name.as_deref(), Some("while held"));
+}

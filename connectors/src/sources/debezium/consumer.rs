@@ -166,6 +166,34 @@ struct Ctx {
     flow: Mutex<Option<Flow>>,
     revoke_timeout: Duration,
     streaming: Arc<AtomicBool>,
+    /// The topics subscribed to: a worker must hold every partition of them.
+    topics: Vec<String>,
+    /// Set while the assignment misses partitions of them: why nothing is read.
+    held: Mutex<Option<String>>,
+}
+
+impl Ctx {
+    /// The partitions of the subscribed topics that `assigned` lacks, as `topic[p]`
+    /// (the partition counts from the broker's metadata).
+    fn missing(&self, consumer: &BaseConsumer<Self>, assigned: &TopicPartitionList) -> Result<Vec<String>, KafkaError> {
+        let have: std::collections::HashSet<(String, i32)> = assigned
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let mut missing = Vec::new();
+        for topic in &self.topics {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    if !have.contains(&(t.name().to_string(), p.id())) {
+                        missing.push(format!("{}[{}]", t.name(), p.id()));
+                    }
+                }
+            }
+        }
+        Ok(missing)
+    }
 }
 
 impl ClientContext for Ctx {
@@ -219,7 +247,7 @@ impl ConsumerContext for Ctx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts: Vec<String> = tpl
@@ -228,7 +256,32 @@ impl ConsumerContext for Ctx {
                     .map(|e| format!("{}[{}]", e.topic(), e.partition()))
                     .collect();
                 info!(source = %self.source, partitions = ?parts, "partitions assigned");
-                self.streaming.store(true, Ordering::Relaxed);
+                // A document joins rows of every topic: a worker holding only some of
+                // their partitions would write half-joined documents. Hold (read nothing)
+                // until a rebalance gives this worker all of them.
+                let assigned = consumer.assignment().unwrap_or_else(|_| (*tpl).clone());
+                let held = match self.missing(consumer, &assigned) {
+                    Ok(m) if m.is_empty() => None,
+                    Ok(m) => Some(format!(
+                        "another member shares consumer group: this worker was assigned {} partition(s) but not {}; one worker must hold every partition of its topics (several workers per group are not supported): stop the other member or give it another group_id",
+                        assigned.count(),
+                        m.join(", ")
+                    )),
+                    Err(e) => Some(format!("cannot read the topics' partition counts to check the assignment: {e}")),
+                };
+                let pause = if held.is_some() {
+                    consumer.pause(&assigned)
+                } else {
+                    consumer.resume(&assigned)
+                };
+                if let Err(e) = pause {
+                    warn!(source = %self.source, error = %e, "cannot pause or resume the assigned partitions");
+                }
+                if let Some(why) = &held {
+                    error!(source = %self.source, "holding: {why}");
+                }
+                self.streaming.store(held.is_none(), Ordering::Relaxed);
+                *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
             }
             Rebalance::Error(e) => warn!(source = %self.source, error = %e, "rebalance failed"),
             Rebalance::Revoke(_) => {}
@@ -313,6 +366,8 @@ impl DebeziumSource {
             flow: Mutex::new(Some(flow)),
             revoke_timeout: Duration::from_millis(self.cfg.revoke_timeout_ms),
             streaming: self.streaming.clone(),
+            topics: self.topics.keys().cloned().collect(),
+            held: Mutex::new(None),
         };
         cfg.create_with_context(ctx)
             .map_err(|e| self.fatal(format!("cannot create the Kafka consumer: {e}")))
@@ -353,6 +408,31 @@ impl DebeziumSource {
             store_offsets(&self.name, &consumer, acked);
             // Not under the lock: a rebalance callback runs inside poll.
             let polled = consumer.poll(Duration::from_millis(100));
+            if let Some(why) = consumer
+                .context()
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+            {
+                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    error!(source = %self.name, "holding: {why}");
+                    last_error_log = Some(Instant::now());
+                }
+                // Paused partitions deliver nothing new; a record fetched before the pause
+                // is not read: its partition is set back to it, for when it resumes.
+                if let Some(Ok(m)) = &polled {
+                    if let Err(e) = consumer.seek(
+                        m.topic(),
+                        m.partition(),
+                        Offset::Offset(m.offset()),
+                        Duration::from_secs(5),
+                    ) {
+                        warn!(source = %self.name, topic = m.topic(), partition = m.partition(), error = %e, "cannot seek back while holding");
+                    }
+                    continue;
+                }
+            }
             let mut guard = lock();
             let Some(flow) = guard.as_mut() else { break };
             let full = match polled {
