@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one (idempotent):
-#   1. installs what is missing (cargo-nextest; the servers' packages via services.sh),
+#   1. installs what is missing (cargo-nextest, chromium; the servers' packages via services.sh),
 #   2. starts the real servers on loopback (scripts/services.sh up),
 #   3. checks formatting and lints, runs every test; tests that stop shared servers
 #      (tests/outage.rs) run last, alone.
@@ -14,6 +14,14 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# Headless Chromium renders the status page in tests/status_page.rs.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium"
+  SUDO=$([[ $(id -u) -eq 0 ]] || echo sudo)
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
 fi
 
 echo "== starting servers"

@@ -147,11 +147,23 @@ pub struct HttpConfig {
     /// `/readyz` answers 503 while a source's replication lag exceeds this.
     #[serde(default = "HttpConfig::default_max_lag_ms")]
     pub max_lag_ms: u64,
+    /// The status page (`/`) samples lag and throughput this often…
+    #[serde(default = "HttpConfig::default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+    /// …and keeps this much history in memory for its plots.
+    #[serde(default = "HttpConfig::default_history_ms")]
+    pub history_ms: u64,
 }
 
 impl HttpConfig {
     fn default_max_lag_ms() -> u64 {
         300_000
+    }
+    fn default_sample_interval_ms() -> u64 {
+        2_000
+    }
+    fn default_history_ms() -> u64 {
+        600_000
     }
     fn default_enabled() -> bool {
         true
@@ -165,6 +177,8 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_lag_ms: Self::default_max_lag_ms(),
+            sample_interval_ms: Self::default_sample_interval_ms(),
+            history_ms: Self::default_history_ms(),
             enabled: Self::default_enabled(),
             listen: Self::default_listen(),
         }
@@ -252,6 +266,9 @@ impl Config {
                 "http.listen: '{}' is not an address:port, e.g. 127.0.0.1:9464",
                 self.http.listen
             ));
+        }
+        if self.http.sample_interval_ms == 0 || self.http.history_ms < self.http.sample_interval_ms {
+            out.push("http.sample_interval_ms: must be at least 1 and at most http.history_ms".into());
         }
         if self.engine.max_batch_changes == 0 {
             out.push("engine.max_batch_changes: must be at least 1".into());

@@ -1,10 +1,16 @@
 //! The worker's HTTP listener (default `127.0.0.1:9464`, loopback by default):
 //! `/metrics` (Prometheus text, metrics named `viewkeeper_…`), `/healthz` (the process
 //! answers), `/readyz` (every source is streaming, the last sink write succeeded and no
-//! source lags more than `http.max_lag_ms`; 503 with the reasons otherwise).
+//! source lags more than `http.max_lag_ms`; 503 with the reasons otherwise),
+//! `/v1/wait` (read-your-writes, [`crate::wait`]), `/` and `/v1/status` (the live status
+//! page, [`crate::status_page`]).
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use crate::status_page::StatusPage;
+use crate::wait::{WaitQuery, Waits};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -27,6 +33,8 @@ pub struct Health {
     pub lag_seconds: std::sync::Mutex<BTreeMap<String, f64>>,
     /// `/readyz` fails while a source lags more than this (`http.max_lag_ms`).
     pub max_lag: std::time::Duration,
+    /// What the status page shows beyond the metrics.
+    pub board: crate::status_page::Board,
 }
 
 impl Health {
@@ -57,6 +65,35 @@ impl Health {
 struct AppState {
     health: Arc<Health>,
     metrics: PrometheusHandle,
+    waits: Arc<Waits>,
+    page: Arc<StatusPage>,
+}
+
+/// What the listener serves beside the metrics.
+pub struct Served {
+    pub health: Arc<Health>,
+    pub metrics: PrometheusHandle,
+    pub waits: Waits,
+    pub page: Arc<StatusPage>,
+}
+
+fn json_response(code: StatusCode, body: &serde_json::Value) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn wait_handler(State(s): State<AppState>, q: Result<Query<WaitQuery>, QueryRejection>) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({ "error": e.body_text() })),
+    };
+    match s.waits.wait(&q).await {
+        Ok(o) if o.reached => json_response(StatusCode::OK, &o.body),
+        Ok(o) => json_response(StatusCode::REQUEST_TIMEOUT, &o.body),
+        Err(e) => json_response(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            &json!({ "error": e.to_string() }),
+        ),
+    }
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
@@ -72,8 +109,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// Binds `listen` (fails when the address is taken) and serves until `shutdown`.
 pub async fn serve(
     listen: &str,
-    health: Arc<Health>,
-    metrics: PrometheusHandle,
+    served: Served,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -98,7 +134,26 @@ pub async fn serve(
             "/metrics",
             get(|State(s): State<AppState>| async move { s.metrics.render() }),
         )
-        .with_state(AppState { health, metrics });
+        .route("/v1/wait", get(wait_handler))
+        .route(
+            "/v1/status",
+            get(|State(s): State<AppState>| async move { json_response(StatusCode::OK, &s.page.status()) }),
+        )
+        .route(
+            "/",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    crate::status_page::PAGE,
+                )
+            }),
+        )
+        .with_state(AppState {
+            health: served.health,
+            metrics: served.metrics,
+            waits: Arc::new(served.waits),
+            page: served.page,
+        });
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

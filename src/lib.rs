@@ -12,4 +12,6 @@ pub mod engine;
 pub mod failpoint;
 pub mod http;
 pub mod logging;
+pub mod status_page;
 pub mod store;
+pub mod wait;

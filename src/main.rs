@@ -85,6 +85,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SlotCmd,
     },
+    /// Wait until a source position is durable in every read model of a running worker
+    /// (read-your-writes): exit 0 once reached, 3 on timeout, 1 on any other failure.
+    /// Prints the worker's answer (with the current position) as JSON.
+    Wait {
+        /// The worker's HTTP listener.
+        #[arg(long, default_value = "http://127.0.0.1:9464", env = "VIEWKEEPER_URL")]
+        url: String,
+        #[arg(long)]
+        source: String,
+        /// Postgres: an LSN (`pg_current_wal_insert_lsn()` after the commit, or the commit's LSN).
+        #[arg(long, required_unless_present = "topic", conflicts_with = "topic")]
+        lsn: Option<String>,
+        /// Debezium: the record's topic, partition and offset.
+        #[arg(long, requires_all = ["partition", "offset"])]
+        topic: Option<String>,
+        #[arg(long)]
+        partition: Option<i32>,
+        #[arg(long)]
+        offset: Option<i64>,
+        /// Give up after this long (the worker caps it at 60000).
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Load and validate a config file; print it with secrets redacted.
     CheckConfig {
         #[arg(long, short)]
@@ -164,7 +187,28 @@ enum DlqCmd {
 
 fn main() -> ExitCode {
     viewkeeper::logging::init();
-    match real_main() {
+    let cli = Cli::parse();
+    if let Cmd::Wait {
+        url,
+        source,
+        lsn,
+        topic,
+        partition,
+        offset,
+        timeout_ms,
+    } = cli.cmd
+    {
+        return wait(viewkeeper::commands::wait::WaitArgs {
+            url,
+            source,
+            lsn,
+            topic,
+            partition,
+            offset,
+            timeout_ms,
+        });
+    }
+    match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -173,15 +217,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main() -> anyhow::Result<()> {
+/// `viewkeeper wait`: its own exit codes (0 reached, 3 timed out, 1 failed).
+fn wait(args: viewkeeper::commands::wait::WaitArgs) -> ExitCode {
+    let r = runtime(false).and_then(|rt| Ok(rt.block_on(viewkeeper::commands::wait::wait(&args))?));
+    match r {
+        Ok((reached, answer)) => {
+            println!("{answer}");
+            if reached {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "timed out after {} ms: source {} is durable at {}",
+                    answer["timeout_ms"], args.source, answer["position"]
+                );
+                ExitCode::from(viewkeeper::commands::wait::TIMED_OUT)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
     use viewkeeper::commands::{backfill, dlq, rebuild, run, status, verify};
-    let cli = Cli::parse();
     let load = |config: &PathBuf, data_dir: Option<PathBuf>| -> anyhow::Result<(Config, PathBuf)> {
         let cfg = Config::load(config)?;
         let dir = data_dir.unwrap_or_else(|| cfg.data_dir.clone());
         Ok((cfg, dir))
     };
     match cli.cmd {
+        Cmd::Wait { .. } => unreachable!("handled in main"),
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             println!("{cfg:#?}");

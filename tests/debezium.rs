@@ -413,3 +413,70 @@ async fn a_second_worker_in_the_group_makes_both_hold_until_it_leaves() {
         .unwrap();
     assert_eq!(name.as_deref(), Some("while held"));
 }
+
+/// Read-your-writes on a Debezium source: `/v1/wait` with the record's topic, partition
+/// and offset answers once the record is in every read model of its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_a_record_offset_then_reads_see_it() {
+    let shop = Shop::new("dbzwait").await;
+    let mut dbz = Debezium::new(&shop).await;
+    let cfg = shop.config_from("shop-debezium.toml", "");
+    let w = Worker::start(&cfg, &shop.data_dir.path().join("data"));
+    let addr = w.http_addr().await;
+    let http = reqwest::Client::new();
+    let wait = |q: Vec<(&'static str, String)>| {
+        let (http, addr) = (http.clone(), addr.clone());
+        async move {
+            let r = http
+                .get(format!("http://{addr}/v1/wait"))
+                .query(&q)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let topic = dbz.topic(&PRODUCTS);
+    let mut r = shop.redis().await;
+    for i in 1..=8 {
+        dbz.dml(
+            &shop,
+            &PRODUCTS,
+            &format!("INSERT INTO products(id, sku, name, price) VALUES ({i}, 'S{i}', 'probe {i}', 1)"),
+            &[],
+        )
+        .await;
+        let (partition, offset) = dbz.last.unwrap();
+        let (code, body) = wait(vec![
+            ("source", "catalog".into()),
+            ("topic", topic.clone()),
+            ("partition", partition.to_string()),
+            ("offset", offset.to_string()),
+            ("timeout_ms", "30000".into()),
+        ])
+        .await;
+        assert_eq!(code, 200, "record {i}: {body}");
+        assert!(body["position"]["next_offset"].as_i64().unwrap() > offset, "{body}");
+        let name: Option<String> =
+            redis::AsyncCommands::hget(&mut r, shop.key(&format!("ordering:product:{i}")), "name")
+                .await
+                .unwrap();
+        assert_eq!(name.as_deref(), Some(format!("probe {i}").as_str()), "record {i}");
+    }
+    let (partition, offset) = dbz.last.unwrap();
+    let (code, body) = wait(vec![
+        ("source", "catalog".into()),
+        ("topic", topic.clone()),
+        ("partition", partition.to_string()),
+        ("offset", (offset + 1000).to_string()),
+        ("timeout_ms", "200".into()),
+    ])
+    .await;
+    assert_eq!(code, 408, "{body}");
+    let (code, body) = wait(vec![("source", "catalog".into()), ("lsn", "0/1".into())]).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("parameter topic:"),
+        "{body}"
+    );
+}

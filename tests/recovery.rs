@@ -276,7 +276,9 @@ async fn a_crash_inside_a_large_transaction_converges_after_restart() {
 
     let pause = tempfile::tempdir().unwrap();
     let held = pause.path().join("engine-chunk-durable.paused");
-    let mut w = shop.worker_env(&cfg, &[("VIEWKEEPER_PAUSE_DIR", pause.path())]).await;
+    let mut w = shop
+        .worker_with(&cfg, &[("VIEWKEEPER_PAUSE_DIR", pause.path().to_str().unwrap())])
+        .await;
     let before = shop.confirmed_flush("catalog").await.unwrap();
     shop.exec(
         "catalog",

@@ -5,6 +5,7 @@
 //! * [`checkpoint`]: where a source resumes (an LSN, or a Kafka batch sequence).
 //! * [`source`] and [`sink`]: the [`source::Source`] and [`sink::Sink`] traits and what
 //!   flows through them, each with its ordering, durability and duplicate rules.
+//! * [`durable`]: how far each source is durable everywhere (read-your-writes waits).
 //! * [`dead_letter`]: what could not apply, render or be written, and at which stage.
 //! * [`error`]: every failure's kind and the one policy table (retry, stop, recreate).
 //! * [`retry`]: the one backoff every retry loop uses.
@@ -12,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod dead_letter;
+pub mod durable;
 pub mod error;
 pub mod model;
 pub mod retry;
@@ -21,4 +23,5 @@ pub mod source;
 
 pub use checkpoint::Checkpoint;
 pub use dead_letter::{DeadLetter, Stage};
+pub use durable::{Durable, DurableTx};
 pub use error::{ErrorKind, Policy, Side};

@@ -31,6 +31,9 @@ pub struct SourceRun {
     /// The engine's acknowledgements: the latest checkpoint durable everywhere.
     pub acks: watch::Receiver<Option<Checkpoint>>,
     pub shutdown: CancellationToken,
+    /// Where a source that knows more than its checkpoints (Kafka: offsets per
+    /// partition) publishes how far it is durable, once acknowledged.
+    pub durable: crate::durable::DurableTx,
 }
 
 /// A source of committed row changes (see the module's contract).

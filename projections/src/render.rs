@@ -224,6 +224,14 @@ impl Projection {
     }
 
     /// Whether a change to `table` can affect this projection's documents.
+    /// The sources of the tables the projection reads.
+    pub fn sources(&self) -> BTreeSet<&str> {
+        self.nodes
+            .iter()
+            .filter_map(|n| self.tables.get(&n.table).map(|t| t.source.as_str()))
+            .collect()
+    }
+
     pub fn uses_table(&self, table: &str) -> bool {
         self.nodes.iter().any(|n| n.table == table)
     }

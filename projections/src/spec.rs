@@ -128,6 +128,10 @@ pub struct ProjectionSpec {
     /// Search sinks: the alias, index version, settings and mappings.
     #[serde(default)]
     pub index: Option<IndexSpec>,
+    /// Add a `_meta` field to every document (a JSON text field in a cache entry): the
+    /// position of each source the document reflects, commit time, when it was rendered.
+    #[serde(default)]
+    pub meta: bool,
 }
 
 fn one() -> u32 {
@@ -401,6 +405,7 @@ mod tests {
             active_when: None,
             tombstone_ttl_ms: None,
             index: None,
+            meta: false,
         }
     }
 

@@ -7,6 +7,7 @@
 //! * [`dlq`]: `dlq list|show|replay|drop`.
 //! * [`verify`]: `verify [--repair]`.
 //! * [`status`]: `status`, `slot list|drop`.
+//! * [`wait`]: `wait` (read-your-writes against a running worker).
 
 pub mod backfill;
 pub mod dlq;
@@ -15,6 +16,7 @@ pub mod rebuild;
 pub mod run;
 pub mod status;
 pub mod verify;
+pub mod wait;
 
 use crate::config::{Config, SinkConfig};
 use crate::engine::Engine;

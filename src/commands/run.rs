@@ -30,6 +30,7 @@ use viewkeeper_connectors::sources::postgres::reload::Reload;
 use viewkeeper_connectors::sources::postgres::{PgRun, PgSource};
 use viewkeeper_core::sink::Sink;
 use viewkeeper_core::source::{Source, SourceBatch, SourceError, SourceRun, TableProgress};
+use viewkeeper_core::Checkpoint;
 use viewkeeper_projections::render::Projection;
 
 /// What the worker is started for.
@@ -148,11 +149,57 @@ pub async fn run(
     for name in cfg.sources.keys() {
         health.sources.insert(name.clone(), Default::default());
     }
+    health
+        .board
+        .stored(engine.store.dead_letter_count()?, &engine.store.latest_dead_letters(5)?);
     let health = Arc::new(health);
+    // Per source: how far it is durable everywhere (`/v1/wait`), from the stored checkpoint
+    // on (its documents were written before it was stored).
+    let mut durable = BTreeMap::new();
+    let mut waits = crate::wait::Waits::default();
+    let mut layout = crate::status_page::Layout::default();
+    for (name, sc) in &cfg.sources {
+        let d = viewkeeper_core::durable::durable_channel();
+        let kind = match sc {
+            SourceConfig::Postgres(_) => {
+                if let Some(Checkpoint::Lsn(v)) = engine.store.checkpoint(name)? {
+                    d.send_modify(|d| {
+                        d.raise_lsn(v);
+                    });
+                }
+                crate::wait::Kind::Postgres
+            }
+            SourceConfig::Debezium(_) => crate::wait::Kind::Kafka,
+        };
+        waits.sources.insert(name.clone(), (kind, d.subscribe()));
+        layout.sources.insert(name.clone(), kind);
+        durable.insert(name.clone(), d);
+    }
     if mode == Mode::Run && cfg.http.enabled {
         let handle = crate::http::install_metrics()?;
-        let (addr, _task) = crate::http::serve(&cfg.http.listen, health.clone(), handle, shutdown.clone()).await?;
-        info!(%addr, "http listening (/metrics, /healthz, /readyz)");
+        layout.projections = cfg
+            .projections
+            .iter()
+            .map(|(n, p)| (n.clone(), p.sink.clone()))
+            .collect();
+        layout.sinks = cfg.sinks.keys().cloned().collect();
+        let page = crate::status_page::StatusPage::new(
+            handle.clone(),
+            health.clone(),
+            waits.clone(),
+            layout,
+            Duration::from_millis(cfg.http.sample_interval_ms),
+            Duration::from_millis(cfg.http.history_ms),
+        );
+        page.spawn_sampler(shutdown.clone());
+        let served = crate::http::Served {
+            health: health.clone(),
+            metrics: handle,
+            waits,
+            page,
+        };
+        let (addr, _task) = crate::http::serve(&cfg.http.listen, served, shutdown.clone()).await?;
+        info!(%addr, "http listening (/ status page, /v1/status, /v1/wait, /metrics, /healthz, /readyz)");
     }
     let (tx, rx, permits) = queue::bounded(&cfg.engine);
     let mut acks = BTreeMap::new();
@@ -169,6 +216,7 @@ pub async fn run(
             tx: tx.clone(),
             acks: ack_rx,
             shutdown: shutdown.clone(),
+            durable: durable[name].clone(),
         };
         sources.spawn(src.run(run));
     }
@@ -177,6 +225,7 @@ pub async fn run(
     }
     drop(tx);
     engine.acks = acks;
+    engine.durable = durable;
     engine.defer_snapshot_render = mode == Mode::Backfill;
     engine.health = Some(health);
     engine.queue_permits = Some(permits);

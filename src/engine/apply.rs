@@ -41,6 +41,9 @@ pub(super) struct Prepared {
     pub tag: Option<u64>,
     /// Queue permits to hand back once durable.
     pub permits: usize,
+    /// Dead letters of the sources (stored with the batch's state), for the metrics and
+    /// the status page.
+    pub source_letters: Vec<DeadLetter>,
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -66,17 +69,22 @@ fn unchanged_for(applied: &Applied, cols: Option<&BTreeSet<String>>) -> bool {
 
 /// Renders the documents of `keys`, numbering versions from `first`; rows that cannot be
 /// rendered become dead letters.
+/// With `meta` (the projection's `meta = true`), each body gets it as its `_meta` field.
 pub(super) fn render_docs<'a>(
     p: &Projection,
     keys: impl Iterator<Item = &'a Key>,
     first: u64,
     lookup: &dyn RowLookup,
     letters: &mut Vec<DeadLetter>,
+    meta: Option<&serde_json::Value>,
 ) -> Result<Vec<SinkDoc>, EngineError> {
     let mut docs = Vec::new();
     for (i, key) in keys.enumerate() {
         match p.render(key, lookup) {
-            Ok(Some(r)) => {
+            Ok(Some(mut r)) => {
+                if let (Some(m), Some(body)) = (meta, r.body.as_mut()) {
+                    body.insert(super::meta::META_FIELD.into(), m.clone());
+                }
                 let active = !r.tombstoned
                     && match (&p.spec.active_when, &r.body) {
                         (Some(cond), Some(body)) => body.get(&cond.column).is_some_and(|v| cond.values.contains(v)),
@@ -171,6 +179,7 @@ impl Engine {
                     ..Default::default()
                 });
             }
+            super::meta::record(&mut self.applied, b);
             self.stats.changes += b.changes.len() as u64;
             infos.push(BatchInfo {
                 source: b.source.clone(),
@@ -182,7 +191,6 @@ impl Engine {
         }
         drop(batches);
         tx.add_dead_letters(&source_letters)?;
-        self.stats.dead_letters += source_letters.len() as u64;
         let total: u64 = affected.iter().map(|s| s.len() as u64).sum();
         let mut version = if total > 0 { tx.next_versions(total)? } else { 0 };
         // The documents to write are durable with the state they render: a replay of
@@ -196,6 +204,12 @@ impl Engine {
         let mut docs = Vec::with_capacity(self.projections.len());
         let mut letters = Vec::new();
         // Every change is applied: the store holds still while the documents render.
+        let now = super::observe::now_ms();
+        let metas: Vec<_> = self
+            .projections
+            .iter()
+            .map(|p| super::meta::meta_of(p, &self.applied, now))
+            .collect();
         let memo = MemoLookup::new(&tx, MEMO_ROWS);
         for (pi, p) in self.projections.iter().enumerate() {
             docs.push(Arc::new(render_docs(
@@ -204,6 +218,7 @@ impl Engine {
                 version,
                 &memo,
                 &mut letters,
+                metas[pi].as_ref(),
             )?));
             version += affected[pi].len() as u64;
         }
@@ -229,6 +244,7 @@ impl Engine {
             completed,
             tag,
             permits,
+            source_letters,
         })
     }
 }

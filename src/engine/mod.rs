@@ -23,6 +23,7 @@
 //! the queue from the sources [`queue`].
 
 mod apply;
+pub mod meta;
 mod observe;
 pub mod queue;
 pub mod resync;
@@ -112,6 +113,11 @@ pub struct Engine {
     resync_due: bool,
     /// Who watches long re-writes (a bar on a terminal, log lines otherwise).
     pub progress: Arc<dyn Progress>,
+    /// Per source: how far the state store applied it (the `_meta` of documents).
+    pub applied: BTreeMap<String, meta::Applied>,
+    /// Per source: where its durable position is published (`/v1/wait`); the engine
+    /// raises Postgres sources' LSN with every checkpoint stored.
+    pub durable: BTreeMap<String, viewkeeper_core::DurableTx>,
 }
 
 /// A batch in flight: its write task and what step 3 needs.
@@ -130,6 +136,20 @@ impl Engine {
         cfg: &crate::config::EngineConfig,
     ) -> Engine {
         store.set_row_cache(cfg.row_cache_rows);
+        // What the store holds already: documents rendered before the first batch (owed
+        // ones, re-writes) reflect at least the stored checkpoints.
+        let mut applied = BTreeMap::new();
+        for s in projections.iter().flat_map(|p| p.sources()) {
+            if let Ok(Some(Checkpoint::Lsn(v))) = store.checkpoint(s) {
+                applied.insert(
+                    s.to_string(),
+                    meta::Applied {
+                        lsn: Some(v),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
         let limits = sinks
             .keys()
             .map(|n| (n.clone(), Arc::new(Semaphore::new(cfg.sink_concurrency.max(1)))))
@@ -156,7 +176,14 @@ impl Engine {
             queue_permits: None,
             resync_due: false,
             progress: Arc::new(LogProgress::default()),
+            applied,
+            durable: BTreeMap::new(),
         }
+    }
+
+    /// The `_meta` value of projection `pi`'s documents rendered now (`None`: off).
+    pub(super) fn meta_of(&self, pi: usize) -> Option<serde_json::Value> {
+        meta::meta_of(&self.projections[pi], &self.applied, observe::now_ms())
     }
 
     /// Processes batches until `stop` or until every source is gone (see the module docs
@@ -342,7 +369,17 @@ impl Engine {
         if (reloaded || std::mem::take(&mut self.resync_due)) && !self.resync_marked(shutdown).await? {
             return Ok(false);
         }
-        self.observe_durable(&p.infos, &checkpoints, letters.len());
+        self.observe_durable(&p.infos, &checkpoints, letters.len() + p.source_letters.len());
+        if let Some(h) = &self.health {
+            let now = observe::now_ms();
+            h.board.dead_letters(&p.source_letters, now);
+            h.board.dead_letters(&letters, now);
+        }
+        for (source, cp) in &checkpoints {
+            if let (Checkpoint::Lsn(v), Some(d)) = (cp, self.durable.get(source)) {
+                d.send_if_modified(|d| d.raise_lsn(*v));
+            }
+        }
         if p.infos.iter().any(|b| b.checkpoint.is_none() && b.snapshot.is_none()) {
             // A chunk of a large transaction is durable in the store and the sinks, its
             // commit not yet: the crash test holds the worker here to kill it.

@@ -16,7 +16,7 @@ pub struct Stats {
     pub dead_letters: u64,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -81,6 +81,7 @@ pub(super) fn observe_write(
     metrics::histogram!("viewkeeper_sink_write_seconds", "sink" => sink.to_string()).record(took.as_secs_f64());
     if let Some(h) = health {
         h.sinks_ok.store(ok, std::sync::atomic::Ordering::Relaxed);
+        h.board.wrote(projection, sink, ok, now_ms());
     }
     if ok {
         metrics::counter!("viewkeeper_documents_written_total", "projection" => projection.to_string())

@@ -118,15 +118,28 @@ impl Engine {
             // writes go out as chunks come, bounded by the sink's limit.
             let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Result<(usize, Chunk), EngineError>>(4);
             let threads = self.render_threads.max(1).min(keys.len().div_ceil(CHUNK).max(1));
+            let meta = self.meta_of(pi);
             for t in 0..threads {
                 let reader = self.store.reader()?;
-                let (keys, tx, proj) = (keys.clone(), chunks_tx.clone(), self.projections[pi].clone());
+                let (keys, tx, proj, meta) = (
+                    keys.clone(),
+                    chunks_tx.clone(),
+                    self.projections[pi].clone(),
+                    meta.clone(),
+                );
                 tokio::task::spawn_blocking(move || {
                     for (ci, chunk) in keys.chunks(CHUNK).enumerate().skip(t).step_by(threads) {
                         let memo = MemoLookup::new(&reader, MEMO_ROWS);
                         let mut letters = Vec::new();
-                        let r = render_docs(&proj, chunk.iter(), first + (ci * CHUNK) as u64, &memo, &mut letters)
-                            .map(|docs| (ci, (docs, letters)));
+                        let r = render_docs(
+                            &proj,
+                            chunk.iter(),
+                            first + (ci * CHUNK) as u64,
+                            &memo,
+                            &mut letters,
+                            meta.as_ref(),
+                        )
+                        .map(|docs| (ci, (docs, letters)));
                         if tx.blocking_send(r).is_err() {
                             return;
                         }

@@ -159,11 +159,19 @@ impl Engine {
         keys: &[Key],
         shutdown: &CancellationToken,
     ) -> Result<Option<Vec<DeadLetter>>, EngineError> {
+        let meta = self.meta_of(pi);
         let (docs, mut letters) = tokio::task::block_in_place(|| -> Result<_, EngineError> {
             let tx = self.store.begin()?;
             let first = tx.next_versions(keys.len() as u64)?;
             let mut letters = Vec::new();
-            let docs = super::apply::render_docs(&self.projections[pi], keys.iter(), first, &tx, &mut letters)?;
+            let docs = super::apply::render_docs(
+                &self.projections[pi],
+                keys.iter(),
+                first,
+                &tx,
+                &mut letters,
+                meta.as_ref(),
+            )?;
             tx.commit()?;
             Ok((docs, letters))
         })?;

@@ -52,6 +52,15 @@ impl Store {
             .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
+    /// The newest `limit` dead letters, newest first.
+    pub fn latest_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare(&format!("{DEAD_LETTER_SELECT} ORDER BY id DESC LIMIT ?1"))?;
+        let rows = st.query_map([limit as i64], dead_letter_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let mut st = self
             .conn

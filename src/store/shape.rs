@@ -38,8 +38,16 @@ pub enum ShapeError {
 }
 
 /// A projection's fingerprint: when it changes, its documents are written again whole.
+///
+/// `meta` (the `_meta` field) was added after fingerprints were first stored: off, it is
+/// left out, so stores written before keep their fingerprints; on, it changes them (every
+/// document gets the field).
 pub fn fingerprint(spec: &viewkeeper_projections::spec::ProjectionSpec) -> String {
-    format!("{spec:?}")
+    let text = format!("{spec:?}");
+    match text.strip_suffix(", meta: false }") {
+        Some(before) => format!("{before} }}"),
+        None => text,
+    }
 }
 
 /// What the store must do for a new config: columns to re-read, projections to re-write.
@@ -188,5 +196,22 @@ impl WorkerLock {
         file.rewind().map_err(io)?;
         write!(file, "{}", std::process::id()).map_err(io)?;
         Ok(WorkerLock { _file: file, path })
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::fingerprint;
+
+    #[test]
+    fn meta_off_keeps_the_fingerprints_of_older_stores() {
+        let spec: viewkeeper_projections::spec::ProjectionSpec =
+            serde_json::from_value(serde_json::json!({"root": "products", "sink": "cache", "fields": ["name"]}))
+                .unwrap();
+        let fp = fingerprint(&spec);
+        assert!(fp.ends_with("index: None }"), "{fp}");
+        assert!(!fp.contains("meta"), "{fp}");
+        let with = viewkeeper_projections::spec::ProjectionSpec { meta: true, ..spec };
+        assert_ne!(fingerprint(&with), fp);
     }
 }

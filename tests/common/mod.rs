@@ -364,12 +364,12 @@ impl Shop {
     /// Starts the worker and waits until it streams from all three slots (changes
     /// committed before a slot exists are not in it).
     pub async fn worker(&self, config: &Path) -> Worker {
-        self.worker_env(config, &[]).await
+        self.worker_with(config, &[]).await
     }
 
-    /// [`Shop::worker`] with extra environment variables (e.g. `VIEWKEEPER_PAUSE_DIR`).
-    pub async fn worker_env(&self, config: &Path, env: &[(&str, &Path)]) -> Worker {
-        let w = Worker::start_env(config, &self.data_dir.path().join("data"), env);
+    /// [`Shop::worker`] with more environment (`VIEWKEEPER__…` overrides).
+    pub async fn worker_with(&self, config: &Path, env: &[(&str, &str)]) -> Worker {
+        let w = Worker::start_with(config, &self.data_dir.path().join("data"), env);
         let c = self.pg("catalog").await;
         let like = format!("{}\\_%", self.prefix.replace('_', "\\_"));
         wait_until(
@@ -403,11 +403,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(config: &Path, data_dir: &Path) -> Worker {
-        Worker::start_env(config, data_dir, &[])
+        Worker::start_with(config, data_dir, &[])
     }
 
-    /// [`Worker::start`] with extra environment variables.
-    pub fn start_env(config: &Path, data_dir: &Path, env: &[(&str, &Path)]) -> Worker {
+    /// [`Worker::start`] with more environment (`VIEWKEEPER__…` overrides).
+    pub fn start_with(config: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Worker {
         let log = data_dir.with_extension(format!(
             "log.{}",
             std::time::SystemTime::now()
@@ -429,6 +429,7 @@ impl Worker {
             .env("VIEWKEEPER_LOG", "info,viewkeeper=debug")
             // Tests run workers side by side: each takes a free port (logged).
             .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -529,6 +530,7 @@ pub async fn cache_matches_truth(shop: &Shop) -> Result<(), String> {
         ] {
             let key = shop.key(&format!("{prefix}{id}"));
             let mut h: BTreeMap<String, String> = r.hgetall(&key).await.map_err(|e| e.to_string())?;
+            h.remove("_meta"); // freshness, with `meta = true` (tests/wait.rs): not content
             if h.remove("_version").is_none() {
                 return Err(format!("{key}: missing or without _version: {h:?}"));
             }

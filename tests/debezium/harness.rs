@@ -144,6 +144,8 @@ pub struct Debezium {
     pub lsn: std::collections::HashMap<&'static str, (u64, u64)>,
     /// Records produced per topic.
     pub produced: std::collections::HashMap<String, i64>,
+    /// Partition and offset of the last record produced.
+    pub last: Option<(i32, i64)>,
 }
 
 impl Debezium {
@@ -177,6 +179,7 @@ impl Debezium {
             producer,
             lsn,
             produced: Default::default(),
+            last: None,
         }
     }
 
@@ -256,10 +259,12 @@ impl Debezium {
         if let Some(v) = value {
             rec = rec.payload(v);
         }
-        self.producer
+        let delivered = self
+            .producer
             .send(rec, Duration::from_secs(30))
             .await
             .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+        self.last = Some((delivered.partition, delivered.offset));
     }
 
     /// Runs `sql` (one INSERT/UPDATE/DELETE on `t`) in Postgres and produces what

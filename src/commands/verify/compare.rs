@@ -2,6 +2,7 @@
 //! differing fields named), extra, active-set members, unresolved references.
 
 use super::truth::Expected;
+use crate::engine::meta::META_FIELD;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use viewkeeper_connectors::sinks::elasticsearch::SearchSink;
@@ -72,7 +73,11 @@ fn redis_diff(want: &Row, have: &BTreeMap<String, String>) -> Option<String> {
         .iter()
         .filter_map(|(k, v)| field_text(v).map(|t| (k.clone(), t)))
         .collect();
-    let have: BTreeMap<&String, &String> = have.iter().filter(|(k, _)| *k != "_version").collect();
+    // `_version` and `_meta` (freshness, a projection's `meta = true`) are not content.
+    let have: BTreeMap<&String, &String> = have
+        .iter()
+        .filter(|(k, _)| *k != "_version" && *k != META_FIELD)
+        .collect();
     let mut fields: Vec<String> = want
         .iter()
         .filter(|(k, v)| have.get(k) != Some(v))
@@ -83,7 +88,8 @@ fn redis_diff(want: &Row, have: &BTreeMap<String, String>) -> Option<String> {
 }
 
 fn doc_diff(want: &Row, have: &Value) -> Option<String> {
-    let have = have.as_object().cloned().unwrap_or_default();
+    let mut have = have.as_object().cloned().unwrap_or_default();
+    have.remove(META_FIELD);
     let mut fields: Vec<String> = want
         .iter()
         .filter(|(k, v)| have.get(*k) != Some(v))

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use viewkeeper_core::model::Origin;
 use viewkeeper_core::source::{Source, SourceBatch, SourceError, SourceRun};
-use viewkeeper_core::{Checkpoint, ErrorKind};
+use viewkeeper_core::{Checkpoint, DurableTx, ErrorKind};
 
 /// A table this source feeds: its alias, `schema.table` name and primary key.
 #[derive(Clone, Debug)]
@@ -104,6 +104,8 @@ struct Flow {
     batch_offsets: Offsets,
     /// Sequence → next offsets of that batch, until acknowledged.
     sent: BTreeMap<u64, Offsets>,
+    /// Where acknowledged offsets are published (`/v1/wait`).
+    durable: DurableTx,
 }
 
 impl Flow {
@@ -143,6 +145,7 @@ impl Flow {
                 *e = (*e).max(next);
             }
         }
+        self.durable.send_if_modified(|d| d.raise_offsets(out.iter()));
         out
     }
 
@@ -170,6 +173,7 @@ struct Ctx {
     topics: Vec<String>,
     /// Set while the assignment misses partitions of them: why nothing is read.
     held: Mutex<Option<String>>,
+    durable: DurableTx,
 }
 
 impl Ctx {
@@ -250,6 +254,22 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // The group's committed offsets were acknowledged by a worker before they
+                // were committed: durable everywhere (what `/v1/wait` answers from at once).
+                match consumer.committed_offsets((*tpl).clone(), Duration::from_secs(5)) {
+                    Ok(committed) => {
+                        let offsets: Offsets = committed
+                            .elements()
+                            .iter()
+                            .filter_map(|e| match e.offset() {
+                                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                                _ => None,
+                            })
+                            .collect();
+                        self.durable.send_if_modified(|d| d.raise_offsets(offsets.iter()));
+                    }
+                    Err(e) => debug!(source = %self.source, error = %e, "cannot read the committed offsets"),
+                }
                 let parts: Vec<String> = tpl
                     .elements()
                     .iter()
@@ -340,12 +360,13 @@ impl DebeziumSource {
         let runtime = tokio::runtime::Handle::current();
         let name = self.name.clone();
         let checkpoint = r.from.map(|c| c.value());
-        tokio::task::spawn_blocking(move || self.consume(checkpoint, r.tx, r.acks, r.shutdown, runtime))
+        tokio::task::spawn_blocking(move || self.consume(checkpoint, r.tx, r.acks, r.shutdown, r.durable, runtime))
             .await
             .map_err(|e| SourceError::new(&name, ErrorKind::Remote, format!("consumer thread failed: {e}")))?
     }
 
     fn consumer(&self, flow: Flow) -> Result<BaseConsumer<Ctx>, SourceError> {
+        let durable = flow.durable.clone();
         let mut cfg = ClientConfig::new();
         for (k, v) in self.cfg.properties.exposed() {
             cfg.set(k, v);
@@ -368,6 +389,7 @@ impl DebeziumSource {
             streaming: self.streaming.clone(),
             topics: self.topics.keys().cloned().collect(),
             held: Mutex::new(None),
+            durable,
         };
         cfg.create_with_context(ctx)
             .map_err(|e| self.fatal(format!("cannot create the Kafka consumer: {e}")))
@@ -379,6 +401,7 @@ impl DebeziumSource {
         tx: mpsc::Sender<SourceBatch>,
         acks: watch::Receiver<Option<Checkpoint>>,
         shutdown: CancellationToken,
+        durable: DurableTx,
         runtime: tokio::runtime::Handle,
     ) -> Result<(), SourceError> {
         let flow = Flow {
@@ -393,6 +416,7 @@ impl DebeziumSource {
             opened: None,
             batch_offsets: Offsets::new(),
             sent: BTreeMap::new(),
+            durable,
         };
         let consumer = self.consumer(flow)?;
         let mut topics: Vec<&str> = self.topics.keys().map(String::as_str).collect();

@@ -153,6 +153,7 @@ impl PgSource {
             tx,
             mut acks,
             shutdown,
+            ..
         } = r;
         let checkpoint = from.map(|c| Position::new(c.value(), 0));
         let mut backoff = viewkeeper_core::retry::backoff(self.run.retry_min, self.run.retry_max);
