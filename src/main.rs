@@ -88,26 +88,7 @@ enum Cmd {
     /// Wait until a source position is durable in every read model of a running worker
     /// (read-your-writes): exit 0 once reached, 3 on timeout, 1 on any other failure.
     /// Prints the worker's answer (with the current position) as JSON.
-    Wait {
-        /// The worker's HTTP listener.
-        #[arg(long, default_value = "http://127.0.0.1:9464", env = "VIEWKEEPER_URL")]
-        url: String,
-        #[arg(long)]
-        source: String,
-        /// Postgres: an LSN (`pg_current_wal_insert_lsn()` after the commit, or the commit's LSN).
-        #[arg(long, required_unless_present = "topic", conflicts_with = "topic")]
-        lsn: Option<String>,
-        /// Debezium: the record's topic, partition and offset.
-        #[arg(long, requires_all = ["partition", "offset"])]
-        topic: Option<String>,
-        #[arg(long)]
-        partition: Option<i32>,
-        #[arg(long)]
-        offset: Option<i64>,
-        /// Give up after this long (the worker caps it at 60000).
-        #[arg(long, default_value_t = 5000)]
-        timeout_ms: u64,
-    },
+    Wait(viewkeeper::commands::wait::WaitArgs),
     /// Load and validate a config file; print it with secrets redacted.
     CheckConfig {
         #[arg(long, short)]
@@ -188,25 +169,8 @@ enum DlqCmd {
 fn main() -> ExitCode {
     viewkeeper::logging::init();
     let cli = Cli::parse();
-    if let Cmd::Wait {
-        url,
-        source,
-        lsn,
-        topic,
-        partition,
-        offset,
-        timeout_ms,
-    } = cli.cmd
-    {
-        return wait(viewkeeper::commands::wait::WaitArgs {
-            url,
-            source,
-            lsn,
-            topic,
-            partition,
-            offset,
-            timeout_ms,
-        });
+    if let Cmd::Wait(args) = cli.cmd {
+        return wait(args);
     }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -248,7 +212,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Ok((cfg, dir))
     };
     match cli.cmd {
-        Cmd::Wait { .. } => unreachable!("handled in main"),
+        Cmd::Wait(_) => unreachable!("handled in main"),
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             println!("{cfg:#?}");

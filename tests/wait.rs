@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 const T: Duration = Duration::from_secs(60);
 
 /// A Postgres LSN as text → number.
+const INSERT_LSN: &str = "pg_current_wal_insert_lsn()";
+
 fn lsn(s: &str) -> u64 {
     let (hi, lo) = s.split_once('/').unwrap();
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
@@ -31,6 +33,23 @@ async fn wait(http: &reqwest::Client, addr: &str, query: &[(&str, &str)]) -> (u1
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
+}
+
+/// Runs `sql` on `db`, takes the writer's position after the commit (`f`, e.g.
+/// `pg_current_wal_insert_lsn()`) and waits for it on `source` (up to 20 s): the answer's
+/// status and body, and the position.
+async fn write_then_wait(
+    http: &reqwest::Client,
+    addr: &str,
+    db: &tokio_postgres::Client,
+    source: &str,
+    sql: &str,
+    f: &str,
+) -> (u16, Value, String) {
+    db.batch_execute(sql).await.unwrap();
+    let at = wal_position(db, f).await;
+    let (code, body) = wait(http, addr, &[("source", source), ("lsn", &at), ("timeout_ms", "20000")]).await;
+    (code, body, at)
 }
 
 async fn hget(shop: &Shop, key: &str, field: &str) -> Option<String> {
@@ -97,10 +116,6 @@ async fn a_write_then_a_wait_then_a_read_always_sees_the_write_under_load() {
     let http = reqwest::Client::new();
     let catalog = shop.pg("catalog").await;
     for i in 0..40 {
-        catalog
-            .batch_execute(&format!("UPDATE products SET name = 'probe {i}' WHERE id = 1"))
-            .await
-            .unwrap();
         // The writer's position after its commit: the insert position, or the WAL
         // position (both at or after the commit's end).
         let f = if i % 2 == 0 {
@@ -108,13 +123,8 @@ async fn a_write_then_a_wait_then_a_read_always_sees_the_write_under_load() {
         } else {
             "pg_current_wal_lsn()"
         };
-        let at = wal_position(&catalog, f).await;
-        let (status, body) = wait(
-            &http,
-            &addr,
-            &[("source", "catalog"), ("lsn", &at), ("timeout_ms", "20000")],
-        )
-        .await;
+        let sql = format!("UPDATE products SET name = 'probe {i}' WHERE id = 1");
+        let (status, body, at) = write_then_wait(&http, &addr, &catalog, "catalog", &sql, f).await;
         assert_eq!(status, 200, "iteration {i}: {body}");
         assert!(lsn(body["position"].as_str().unwrap()) + 40 >= lsn(&at), "{body}");
         // Every projection reading the source has it: both caches.
@@ -133,19 +143,8 @@ async fn a_write_then_a_wait_then_a_read_always_sees_the_write_under_load() {
     let ordering = shop.pg("ordering").await;
     for i in 0..15 {
         let status = format!("s{i}");
-        ordering
-            .batch_execute(&format!(
-                "UPDATE orders SET status = '{status}', updated_at = now() WHERE id = 1"
-            ))
-            .await
-            .unwrap();
-        let at = wal_position(&ordering, "pg_current_wal_insert_lsn()").await;
-        let (code, body) = wait(
-            &http,
-            &addr,
-            &[("source", "ordering"), ("lsn", &at), ("timeout_ms", "20000")],
-        )
-        .await;
+        let sql = format!("UPDATE orders SET status = '{status}', updated_at = now() WHERE id = 1");
+        let (code, body, _) = write_then_wait(&http, &addr, &ordering, "ordering", &sql, INSERT_LSN).await;
         assert_eq!(code, 200, "iteration {i}: {body}");
         let doc = order_doc(&http, &shop, 1).await;
         assert_eq!(doc["_source"]["status"], status.as_str(), "iteration {i}: {doc}");
@@ -288,17 +287,8 @@ async fn meta_says_which_positions_a_document_reflects_and_verify_ignores_it() {
     // The position before the commit is below the commit's end.
     let before = wal_position(&ordering, "pg_current_wal_insert_lsn()").await;
     let wrote = std::time::SystemTime::now();
-    ordering
-        .batch_execute("UPDATE orders SET status = 'paid', updated_at = now() WHERE id = 3")
-        .await
-        .unwrap();
-    let at = wal_position(&ordering, "pg_current_wal_insert_lsn()").await;
-    let (code, body) = wait(
-        &http,
-        &addr,
-        &[("source", "ordering"), ("lsn", &at), ("timeout_ms", "20000")],
-    )
-    .await;
+    let sql = "UPDATE orders SET status = 'paid', updated_at = now() WHERE id = 3";
+    let (code, body, _) = write_then_wait(&http, &addr, &ordering, "ordering", sql, INSERT_LSN).await;
     assert_eq!(code, 200, "{body}");
     let doc = order_doc(&http, &shop, 3).await;
     let meta = &doc["_source"]["_meta"];
@@ -317,17 +307,8 @@ async fn meta_says_which_positions_a_document_reflects_and_verify_ignores_it() {
     assert_eq!(ts(&meta["commit_ts"]), commit, "{meta}");
     // A cache entry has it as JSON text; the cache without meta has none.
     let catalog = shop.pg("catalog").await;
-    catalog
-        .batch_execute("UPDATE products SET name = 'fresh' WHERE id = 4")
-        .await
-        .unwrap();
-    let at = wal_position(&catalog, "pg_current_wal_insert_lsn()").await;
-    let (code, body) = wait(
-        &http,
-        &addr,
-        &[("source", "catalog"), ("lsn", &at), ("timeout_ms", "20000")],
-    )
-    .await;
+    let sql = "UPDATE products SET name = 'fresh' WHERE id = 4";
+    let (code, body, _) = write_then_wait(&http, &addr, &catalog, "catalog", sql, INSERT_LSN).await;
     assert_eq!(code, 200, "{body}");
     let entry: Value = serde_json::from_str(&hget(&shop, "ordering:product:4", "_meta").await.unwrap()).unwrap();
     assert!(entry["sources"]["catalog"]["lsn"].is_string(), "{entry}");

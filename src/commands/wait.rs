@@ -12,14 +12,25 @@ use std::time::Duration;
 pub const TIMED_OUT: u8 = 3;
 
 /// What `viewkeeper wait` asks.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct WaitArgs {
+    /// The worker's HTTP listener.
+    #[arg(long, default_value = "http://127.0.0.1:9464", env = "VIEWKEEPER_URL")]
     pub url: String,
+    #[arg(long)]
     pub source: String,
+    /// Postgres: an LSN (`pg_current_wal_insert_lsn()` after the commit, or the commit's LSN).
+    #[arg(long, required_unless_present = "topic", conflicts_with = "topic")]
     pub lsn: Option<String>,
+    /// Debezium: the record's topic, partition and offset.
+    #[arg(long, requires_all = ["partition", "offset"])]
     pub topic: Option<String>,
+    #[arg(long)]
     pub partition: Option<i32>,
+    #[arg(long)]
     pub offset: Option<i64>,
+    /// Give up after this long (the worker caps it at 60000).
+    #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
 }
 
