@@ -301,6 +301,7 @@ impl Config {
                 out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
             }
         }
+        self.validate_assignment(&mut out);
         for (name, t) in &self.tables {
             if !self.sources.contains_key(&t.source) {
                 out.push(format!(
@@ -579,5 +580,55 @@ mod tests {
     fn missing_file_says_what_to_pass() {
         let err = Config::load(Path::new("/nonexistent/x.toml")).unwrap_err().to_string();
         assert!(err.contains("--config"), "{err}");
+    }
+}
+
+impl Config {
+    /// The Debezium sources by `assignment`: at most one `partitioned` (its partitions
+    /// split the documents of every split table), and `shared` ones only beside it.
+    fn validate_assignment(&self, out: &mut Vec<String>) {
+        use viewkeeper_connectors::sources::debezium::Assignment;
+        let of = |a: Assignment| -> Vec<&String> {
+            self.sources
+                .iter()
+                .filter(|(_, s)| matches!(s, SourceConfig::Debezium(d) if d.assignment == a))
+                .map(|(n, _)| n)
+                .collect()
+        };
+        let (partitioned, shared) = (of(Assignment::Partitioned), of(Assignment::Shared));
+        if partitioned.len() > 1 {
+            out.push(format!(
+                "sources.{}.assignment: only one source may be \"partitioned\" (also: {}); the workers split documents by one source's partitions",
+                partitioned[1],
+                partitioned[0]
+            ));
+        }
+        if partitioned.is_empty() {
+            for s in shared {
+                out.push(format!("sources.{s}.assignment: \"shared\" goes with one \"partitioned\" source (whose partitions split the work between workers); a single worker reads it whole with the default, \"whole\""));
+            }
+        }
+    }
+
+    /// Several workers: the partitioned source and the tables whose documents are split
+    /// (those of the partitioned and of the shared sources).
+    pub fn split(&self) -> Option<(String, BTreeSet<String>)> {
+        use viewkeeper_connectors::sources::debezium::Assignment;
+        let assignment = |s: &str| match self.sources.get(s) {
+            Some(SourceConfig::Debezium(d)) => d.assignment,
+            _ => Assignment::Whole,
+        };
+        let source = self
+            .sources
+            .keys()
+            .find(|s| assignment(s) == Assignment::Partitioned)?
+            .clone();
+        let governed = self
+            .tables
+            .iter()
+            .filter(|(_, t)| assignment(&t.source) != Assignment::Whole)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Some((source, governed))
     }
 }
