@@ -312,3 +312,52 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
         );
     }
 }
+
+/// A worker whose clock is behind the previous owner's takes its documents over: its
+/// writes are not refused as older (it raises its clock above the versions the sinks
+/// hold for them), so changes after the takeover show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_whose_clock_is_behind_takes_the_documents_over() {
+    let shop = Shop::new("scaleclock").await;
+    let mut dbz = Debezium::with_partitions(&shop, PARTITIONS).await;
+    let mem = Remembered::default();
+    shop.exec("identity", "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 5) g").await;
+    shop.exec("catalog", "INSERT INTO products(id, sku, name, price, status, updated_at) SELECT g, 'SKU-' || g, 'Product ' || g, 1.50, 'active', now() FROM generate_series(1, 8) g").await;
+    shop.exec(
+        "ordering",
+        "INSERT INTO orders SELECT g, 1 + g % 5, 'new', 3.00, NULL, now(), now() FROM generate_series(1, 20) g;
+                           INSERT INTO order_items SELECT o, 1, 1 + o % 8, 1, 1.50 FROM generate_series(1, 20) o",
+    )
+    .await;
+    for t in [&CUSTOMERS, &PRODUCTS, &ORDERS, &ITEMS] {
+        dbz.snapshot(&shop, t).await;
+    }
+    let cfg = scaled_config(&shop);
+    // The first owner's clock runs an hour ahead.
+    let mut ahead = Worker::start_with(
+        &cfg,
+        &shop.data_dir.path().join("ahead"),
+        &[("VIEWKEEPER_TEST_CLOCK_SKEW_MS", "3600000")],
+    );
+    converge(&shop, T).await;
+    converge_orders(&shop, &mem, T).await;
+    assert_eq!(ahead.terminate(), Some(0));
+
+    let _behind = Worker::start(&cfg, &shop.data_dir.path().join("behind"));
+    dbz.dml(
+        &shop,
+        &PRODUCTS,
+        "UPDATE products SET name = 'After the takeover ' || id, updated_at = now() WHERE id IN (1, 2)",
+        &[],
+    )
+    .await;
+    dbz.dml(
+        &shop,
+        &ORDERS,
+        "UPDATE orders SET status = 'shipped', updated_at = now() WHERE id <= 10",
+        &[],
+    )
+    .await;
+    converge(&shop, T).await;
+    converge_orders(&shop, &mem, T).await;
+}

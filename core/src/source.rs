@@ -74,10 +74,9 @@ pub struct Ownership {
     /// meanwhile are remembered and written if the partitions stay (`owned` again).
     pub suspended: std::collections::BTreeSet<u32>,
     /// Partitions taken over with this batch (their rows are restored): every document
-    /// of them is written again once the batch is applied.
+    /// of them is written again once the batch is applied, with versions above those the
+    /// sinks hold for them (their previous owners' clocks may be ahead of this one's).
     pub takeover: std::collections::BTreeSet<u32>,
-    /// Versions from now on are above this (the clocks of the previous owners).
-    pub clock_floor: u64,
 }
 
 /// Progress of an initial snapshot, carried by its batches and stored by the engine in

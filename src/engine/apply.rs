@@ -189,7 +189,6 @@ impl Engine {
                     split.retain(pi, p.root_table(), &mut affected[pi], &tx)?;
                 }
                 let first = !split.known();
-                tx.raise_clock(own.clock_floor)?;
                 takeover.extend(split.take(own.clone(), &mut affected));
                 tx.record_ownership(&split.record())?;
                 if first {

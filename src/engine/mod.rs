@@ -352,7 +352,7 @@ impl Engine {
             // Partitions taken over: every document of them, from this worker's rows,
             // before the batch (and so the partitions' offsets) is acknowledged.
             for pi in 0..self.projections.len() {
-                if self.split_governs(pi) && !self.render_all_of(pi, None, Some(&p.takeover), shutdown).await? {
+                if self.split_governs(pi) && !self.take_over(pi, &p.takeover, shutdown).await? {
                     return Ok(false);
                 }
             }

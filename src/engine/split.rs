@@ -88,12 +88,23 @@ impl Split {
     /// Documents of projection `pi` owed from an earlier run: written once the first
     /// ownership says which are this worker's.
     pub fn hold(&mut self, pi: usize, keys: &[Key]) {
-        self.waiting.entry(None).or_default().entry(pi).or_default().extend(keys.iter().cloned());
+        self.waiting
+            .entry(None)
+            .or_default()
+            .entry(pi)
+            .or_default()
+            .extend(keys.iter().cloned());
     }
 
     /// Keeps in `keys` (documents of projection `pi` rooted in `root`) only the ones this
     /// worker writes now; remembers those of suspended partitions.
-    pub fn retain(&mut self, pi: usize, root: &str, keys: &mut BTreeSet<Key>, tx: &StoreTx<'_>) -> Result<(), EngineError> {
+    pub fn retain(
+        &mut self,
+        pi: usize,
+        root: &str,
+        keys: &mut BTreeSet<Key>,
+        tx: &StoreTx<'_>,
+    ) -> Result<(), EngineError> {
         if !self.governed.contains(root) {
             return Ok(());
         }
@@ -176,6 +187,60 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Partitions `only` taken over: raises the clock above the versions the sink holds
+    /// for their documents of projection `pi` (written by their previous owners, whose
+    /// clocks may be ahead of this worker's), then writes every one of them again from
+    /// this worker's rows. `false`: shutdown.
+    pub(super) async fn take_over(
+        &mut self,
+        pi: usize,
+        only: &BTreeSet<u32>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool, EngineError> {
+        let keys = self.rewrite_keys(pi, Some(only))?;
+        let p = &self.projections[pi];
+        let ids = tokio::task::block_in_place(|| -> Result<Vec<String>, EngineError> {
+            let mut ids = Vec::with_capacity(keys.len());
+            for k in &keys {
+                match p.doc_id(k, &self.store) {
+                    Ok(Some(id)) => ids.push(id),
+                    Ok(None) => {}
+                    Err(viewkeeper_projections::render::RenderError::Lookup(e)) => {
+                        return Err(EngineError::Lookup(e.to_string()))
+                    }
+                    Err(_) => {} // the render dead-letters it
+                }
+            }
+            Ok(ids)
+        })?;
+        let sink = self.sinks[&p.spec.sink].clone();
+        let mut backoff = viewkeeper_core::retry::backoff(self.retry_min, self.retry_max);
+        let floor = loop {
+            match sink.max_version(&self.targets[pi], &ids).await {
+                Ok(v) => break v.unwrap_or(0),
+                Err(e) => {
+                    let delay = backoff.delay();
+                    tracing::warn!(projection = %p.name, error = %e, "cannot read the versions of the documents taken over; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        info!(projection = %p.name, partitions = ?only, documents = ids.len(), clock_floor = floor, "taking documents over");
+        tokio::task::block_in_place(|| -> Result<(), EngineError> {
+            let tx = self.store.begin()?;
+            tx.raise_clock(floor)?;
+            tx.commit()?;
+            Ok(())
+        })?;
+        self.render_all_of(pi, None, Some(only), shutdown).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,7 +267,10 @@ mod tests {
                 (k(9), None),
             ]
         };
-        assert!(s.owned_keys(rows(), None).is_empty(), "nothing before the first ownership");
+        assert!(
+            s.owned_keys(rows(), None).is_empty(),
+            "nothing before the first ownership"
+        );
         s.take(own(&[1], &[]), &mut []);
         assert_eq!(s.owned_keys(rows(), None), vec![k(1), k(5)]);
         assert_eq!(s.owned_keys(rows(), Some(&[2].into())), Vec::<Key>::new());

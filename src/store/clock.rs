@@ -6,11 +6,23 @@ use super::{now_ms, Store, StoreError, StoreTx};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// `VIEWKEEPER_TEST_CLOCK_SKEW_MS`: a worker whose clock runs that far ahead (or behind),
+/// for the tests of workers taking documents over from each other. 0 unless set.
+fn test_skew_ms() -> i64 {
+    static SKEW: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var("VIEWKEEPER_TEST_CLOCK_SKEW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 impl StoreTx<'_> {
     /// Reserves `n` versions; returns the first.
     pub fn next_versions(&self, n: u64) -> Result<u64, StoreError> {
         let last: u64 = self.meta("clock")?.and_then(|s| s.parse().ok()).unwrap_or(0);
-        let first = (last + 1).max((now_ms() as u64) << 20);
+        let first = (last + 1).max(((now_ms() + test_skew_ms()) as u64) << 20);
         let new_last = first + n.saturating_sub(1);
         self.set_meta("clock", Some(&new_last.to_string()))?;
         self.clock.fetch_max(new_last, Ordering::Relaxed);

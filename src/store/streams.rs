@@ -88,7 +88,10 @@ impl Store {
             .conn
             .prepare_cached("SELECT key, origin FROM rows WHERE tbl = ?1 ORDER BY key")?;
         let rows = st.query_map(params![table], |r| {
-            Ok((Key::from_canonical(r.get::<_, String>(0)?), r.get::<_, Option<String>>(1)?))
+            Ok((
+                Key::from_canonical(r.get::<_, String>(0)?),
+                r.get::<_, Option<String>>(1)?,
+            ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -101,7 +104,11 @@ impl Store {
         }
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
         h.write_u32(std::process::id());
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()

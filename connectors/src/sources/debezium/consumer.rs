@@ -31,8 +31,8 @@ use futures_util::future::BoxFuture;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -456,7 +456,10 @@ impl DebeziumSource {
         cfg.set("bootstrap.servers", &self.cfg.brokers)
             .set("group.id", self.cfg.group(&self.name))
             .set("partition.assignment.strategy", "range")
-            .set("enable.auto.commit", if mode == Assignment::Shared { "false" } else { "true" })
+            .set(
+                "enable.auto.commit",
+                if mode == Assignment::Shared { "false" } else { "true" },
+            )
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
@@ -523,7 +526,10 @@ impl DebeziumSource {
             Assignment::Shared => consumer.context().assign_shared(&consumer).map_err(|e| self.fatal(e))?,
             mode => {
                 if mode == Assignment::Partitioned {
-                    consumer.context().check_copartitioned(&consumer).map_err(|e| self.fatal(e))?;
+                    consumer
+                        .context()
+                        .check_copartitioned(&consumer)
+                        .map_err(|e| self.fatal(e))?;
                 }
                 consumer
                     .subscribe(&topics)
@@ -589,9 +595,18 @@ impl DebeziumSource {
                     }
                     true
                 }
-                Some(Ok(m)) if !consumer.context().admit(&consumer, m.topic(), m.partition(), m.offset()) => {
+                Some(Ok(m))
+                    if !consumer
+                        .context()
+                        .admit(&consumer, m.topic(), m.partition(), m.offset()) =>
+                {
                     // Paused or waiting for its takeover: read again when it resumes.
-                    if let Err(e) = consumer.seek(m.topic(), m.partition(), Offset::Offset(m.offset()), Duration::from_secs(5)) {
+                    if let Err(e) = consumer.seek(
+                        m.topic(),
+                        m.partition(),
+                        Offset::Offset(m.offset()),
+                        Duration::from_secs(5),
+                    ) {
                         warn!(source = %self.name, topic = m.topic(), partition = m.partition(), error = %e, "cannot seek back");
                     }
                     false

@@ -37,6 +37,6 @@ mod tests;
 
 pub use config::DebeziumConfig;
 pub use consumer::{topic_tables, DebeziumSource, FedTable};
-pub use group::{Assignment, Gate, OwnerMark, OwnerState, Scaling};
 pub use envelope::{decode, decode_key, topic_kind, DecodeError, Decoded, ErrorKind, Skip, TopicKind, TopicTable};
+pub use group::{Assignment, Gate, OwnerMark, OwnerState, Scaling};
 pub use values::ColumnType;

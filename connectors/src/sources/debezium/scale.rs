@@ -97,7 +97,8 @@ impl Ctx {
     /// A partitioned source's assignment (see the module docs): restore starts set on
     /// `tpl`, then assigned.
     pub(super) fn assign_partitioned(&self, consumer: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList) {
-        let mut sets: BTreeMap<String, BTreeSet<i32>> = self.topics.iter().map(|t| (t.clone(), BTreeSet::new())).collect();
+        let mut sets: BTreeMap<String, BTreeSet<i32>> =
+            self.topics.iter().map(|t| (t.clone(), BTreeSet::new())).collect();
         let elems: Vec<(String, i32)> = tpl
             .elements()
             .iter()
@@ -306,7 +307,9 @@ impl Ctx {
                 }
             }
         }
-        consumer.assign(&tpl).map_err(|e| format!("cannot assign the partitions: {e}"))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| format!("cannot assign the partitions: {e}"))?;
         info!(source = %self.source, partitions = tpl.count(), behind = part.behind.len(), "reading every partition (shared)");
         if part.behind.is_empty() {
             self.scale.gate.caught_up(&self.source);
@@ -340,7 +343,10 @@ mod tests {
 
     #[test]
     fn streams_name_topic_and_partition() {
-        assert_eq!(parse_stream("shop.public.orders[3]"), Some(("shop.public.orders".into(), 3)));
+        assert_eq!(
+            parse_stream("shop.public.orders[3]"),
+            Some(("shop.public.orders".into(), 3))
+        );
         assert_eq!(parse_stream("orders"), None);
     }
 }
