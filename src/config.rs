@@ -638,14 +638,24 @@ mod tests {
             }
             load(&t)
         };
-        let c = with(&[("ordering", "partitioned"), ("catalog", "shared"), ("identity", "shared")]).unwrap();
+        let c = with(&[
+            ("ordering", "partitioned"),
+            ("catalog", "shared"),
+            ("identity", "shared"),
+        ])
+        .unwrap();
         let (source, governed) = c.split().unwrap();
         assert_eq!(source, "ordering");
         assert_eq!(governed.len(), 4, "{governed:?}");
-        let err = with(&[("ordering", "partitioned"), ("catalog", "partitioned")]).unwrap_err().to_string();
+        let err = with(&[("ordering", "partitioned"), ("catalog", "partitioned")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only one source may be \"partitioned\""), "{err}");
         let err = with(&[("catalog", "shared")]).unwrap_err().to_string();
-        assert!(err.contains("sources.catalog.assignment: \"shared\" goes with one \"partitioned\""), "{err}");
+        assert!(
+            err.contains("sources.catalog.assignment: \"shared\" goes with one \"partitioned\""),
+            "{err}"
+        );
         assert!(with(&[]).unwrap().split().is_none());
     }
 
@@ -655,4 +665,3 @@ mod tests {
         assert!(err.contains("--config"), "{err}");
     }
 }
-

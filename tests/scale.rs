@@ -361,3 +361,87 @@ async fn a_new_owner_whose_clock_is_behind_takes_the_documents_over() {
     converge(&shop, T).await;
     converge_orders(&shop, &mem, T).await;
 }
+
+/// Documents of the order view with `status` (after a refresh).
+async fn count_status(shop: &Shop, status: &str) -> u64 {
+    let http = reqwest::Client::new();
+    let base = format!("{}/{}", servers().search, shop.alias());
+    http.post(format!("{base}/_refresh")).send().await.unwrap();
+    let v: Value = http
+        .post(format!("{base}/_count"))
+        .json(&serde_json::json!({"query": {"term": {"status": status}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["count"].as_u64().unwrap_or(0)
+}
+
+/// Throughput with 1, 2 and 3 workers (BENCHMARKS.md, `scripts/bench-scale.sh`):
+/// `VK_SCALE_ORDERS` orders (default 20,000) of two lines over 4 partitions, 500 products,
+/// 200 customers. Catch-up: every worker started on the topics from their start (restore,
+/// then the takeover writes its share) until every order is indexed. Live: one UPDATE of
+/// every order's status, produced as one event each, until every document shows it.
+/// One JSON line per run on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: scripts/bench-scale.sh"]
+async fn bench_workers() {
+    let n: u64 = std::env::var("VK_SCALE_ORDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rounds: usize = std::env::var("VK_SCALE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let long = Duration::from_secs(1800);
+    for round in 0..rounds {
+        for workers in [1usize, 2, 3] {
+            let shop = Shop::new(&format!("bench{workers}r{round}")).await;
+            let mut dbz = Debezium::with_partitions(&shop, PARTITIONS).await;
+            shop.exec("identity", "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 200) g").await;
+            shop.exec("catalog", "INSERT INTO products(id, sku, name, price, status, updated_at) SELECT g, 'SKU-' || g, 'Product ' || g, 1.50, 'active', now() FROM generate_series(1, 500) g").await;
+            shop.exec("ordering", &format!("INSERT INTO orders SELECT g, 1 + g % 200, 'new', 3.00, NULL, now(), now() FROM generate_series(1, {n}) g;
+                INSERT INTO order_items SELECT o, l, 1 + (o * 7 + l) % 500, 1, 1.50 FROM generate_series(1, {n}) o, generate_series(1, 2) l")).await;
+            for t in [&CUSTOMERS, &PRODUCTS, &ORDERS, &ITEMS] {
+                dbz.snapshot_bulk(&shop, t).await;
+            }
+            let cfg = scaled_config(&shop);
+            let started = std::time::Instant::now();
+            let mut ws: Vec<Worker> = (0..workers)
+                .map(|i| Worker::start(&cfg, &shop.data_dir.path().join(format!("w{i}"))))
+                .collect();
+            wait_until("every order indexed", long, || async {
+                (count_status(&shop, "new").await == n).then_some(())
+            })
+            .await;
+            let catch_up = started.elapsed().as_secs_f64();
+            // Live: every order's status changes once (n events over the 4 partitions).
+            let live_start = std::time::Instant::now();
+            dbz.dml(
+                &shop,
+                &ORDERS,
+                "UPDATE orders SET status = 'paid', updated_at = now()",
+                &[],
+            )
+            .await;
+            let produced = live_start.elapsed().as_secs_f64();
+            wait_until("every order paid", long, || async {
+                (count_status(&shop, "paid").await == n).then_some(())
+            })
+            .await;
+            let live = live_start.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({"workers": workers, "round": round, "orders": n,
+                    "catch_up_s": catch_up, "catch_up_docs_per_s": n as f64 / catch_up,
+                    "live_s": live, "live_produce_s": produced, "live_changes_per_s": n as f64 / live})
+            );
+            for w in &mut ws {
+                w.terminate();
+            }
+        }
+    }
+}

@@ -158,6 +158,8 @@ pub struct Debezium {
     /// Set by [`Debezium::with_partitions`]: every topic has this many partitions and a
     /// row's events go to partition `route column % n` instead of by key.
     pub routed: Option<i32>,
+    /// Deliveries not yet waited for (see [`Debezium::begin_bulk`]).
+    pub bulk: Option<Vec<rdkafka::producer::DeliveryFuture>>,
 }
 
 impl Debezium {
@@ -209,6 +211,7 @@ impl Debezium {
             produced: Default::default(),
             last: None,
             routed,
+            bulk: None,
         }
     }
 
@@ -296,6 +299,21 @@ impl Debezium {
     }
 
     /// [`Debezium::send`] to partition `partition` (`None`: the producer's partitioner).
+    /// From now on records are sent without waiting for each acknowledgement, until
+    /// [`Debezium::end_bulk`] (the benchmarks' bursts).
+    pub fn begin_bulk(&mut self) {
+        self.bulk = Some(Vec::new());
+    }
+
+    /// Waits for every record sent since [`Debezium::begin_bulk`].
+    pub async fn end_bulk(&mut self) {
+        for f in self.bulk.take().unwrap_or_default() {
+            f.await
+                .expect("delivery future")
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        }
+    }
+
     pub async fn send_to(&mut self, topic: &str, partition: Option<i32>, key: &str, value: Option<&str>) {
         *self.produced.entry(topic.to_string()).or_default() += 1;
         let mut rec = FutureRecord::<str, str>::to(topic).key(key);
@@ -304,6 +322,19 @@ impl Debezium {
         }
         if let Some(v) = value {
             rec = rec.payload(v);
+        }
+        if self.bulk.is_some() {
+            let f = self
+                .producer
+                .send_result(rec)
+                .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+            let flight = self.bulk.as_mut().expect("bulk");
+            flight.push(f);
+            if flight.len() >= 5000 {
+                self.end_bulk().await;
+                self.begin_bulk();
+            }
+            return;
         }
         let delivered = self
             .producer
@@ -366,6 +397,37 @@ impl Debezium {
         }
         self.lsn.insert(t.service, (lsn, lsn + 0x1000));
         out
+    }
+
+    /// [`Debezium::snapshot`] for many rows: records sent in flights of a few thousand
+    /// (the benchmarks' loads), each flight acknowledged before the next.
+    pub async fn snapshot_bulk(&mut self, shop: &Shop, t: &Table) {
+        let rows = returning(shop, t, &format!("SELECT * FROM {}", t.name)).await;
+        let (_, next) = self.lsn[t.service];
+        let topic = self.topic(t);
+        for chunk in rows.chunks(5000) {
+            let mut flight = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                let value = self.envelope(t, "r", Value::Null, Self::encode_row(t, row), (None, next));
+                let key = self.key_of(t, row);
+                let mut rec = FutureRecord::<str, str>::to(&topic).key(&key).payload(&value);
+                if let Some(p) = self.partition_of(t, row) {
+                    rec = rec.partition(p);
+                }
+                flight.push(
+                    self.producer
+                        .send_result(rec)
+                        .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}")),
+                );
+            }
+            for f in flight {
+                f.await
+                    .expect("delivery future")
+                    .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+            }
+            *self.produced.entry(topic.clone()).or_default() += chunk.len() as i64;
+        }
+        self.lsn.insert(t.service, (next, next + 0x1000));
     }
 
     /// Debezium's initial snapshot of `t`: an `r` event per row, at one LSN.
