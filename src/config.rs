@@ -394,6 +394,20 @@ impl Config {
                 partitioned[0]
             ));
         }
+        if let Some(p) = partitioned.first() {
+            // Every worker runs every source: the others must be read whole by each.
+            for (name, src) in &self.sources {
+                match src {
+                    SourceConfig::Debezium(d) if d.assignment == Assignment::Whole => out.push(format!(
+                        "sources.{name}.assignment: beside the partitioned source '{p}' every other source is read by every worker: set assignment = \"shared\""
+                    )),
+                    SourceConfig::Postgres(_) => out.push(format!(
+                        "sources.{name}: a Postgres source beside the partitioned source '{p}': every worker would stream from its one replication slot; feed its tables through Debezium with assignment = \"shared\", or run it in a worker of its own"
+                    )),
+                    _ => {}
+                }
+            }
+        }
         if partitioned.is_empty() {
             for s in shared {
                 out.push(format!("sources.{s}.assignment: \"shared\" goes with one \"partitioned\" source (whose partitions split the work between workers); a single worker reads it whole with the default, \"whole\""));
@@ -651,6 +665,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only one source may be \"partitioned\""), "{err}");
+        let err = with(&[("ordering", "partitioned"), ("catalog", "shared")]).unwrap_err().to_string();
+        assert!(err.contains("sources.identity.assignment: beside the partitioned source 'ordering'"), "{err}");
         let err = with(&[("catalog", "shared")]).unwrap_err().to_string();
         assert!(
             err.contains("sources.catalog.assignment: \"shared\" goes with one \"partitioned\""),

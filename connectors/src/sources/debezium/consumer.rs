@@ -278,13 +278,16 @@ impl ConsumerContext for Ctx {
                 warn!(source = %self.source, error = %e, "cannot take the assignment");
             }
             self.post_rebalance(consumer, &Rebalance::Assign(tpl));
-        } else if !is_error {
+        } else {
+            // A revoke, or a failed rebalance (as rust-rdkafka does: nothing assigned).
             if let Err(e) = consumer.unassign() {
                 warn!(source = %self.source, error = %e, "cannot give up the assignment");
             }
-            self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
-        } else {
-            self.post_rebalance(consumer, &Rebalance::Error(KafkaError::Rebalance(err.into())));
+            if is_error {
+                self.post_rebalance(consumer, &Rebalance::Error(KafkaError::Rebalance(err.into())));
+            } else {
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
         }
     }
 
