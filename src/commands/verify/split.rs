@@ -18,33 +18,7 @@ use super::truth::Expected;
 /// The `meta` key of the record.
 pub(super) const OWNERSHIP_META: &str = "ownership";
 
-/// What a worker of a split source owns (the `meta` record `ownership`):
-/// `{"source":"ordering","partitions":4,"owned":[0,2],"governed":["orders",...],"since_ms":...}`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-pub struct OwnershipRecord {
-    pub source: String,
-    pub partitions: u32,
-    pub owned: Vec<u32>,
-    /// Tables (catalog aliases): projections rooted in one of them are split.
-    pub governed: Vec<String>,
-    pub since_ms: i64,
-}
-
-impl OwnershipRecord {
-    /// Whether a row of origin stream `topic[partition]` is this worker's. A row with no
-    /// origin (or one of another shape) is not: nothing says it is ours.
-    pub fn owns(&self, origin: Option<&str>) -> bool {
-        origin
-            .and_then(partition_of)
-            .is_some_and(|p| self.partitions > 0 && self.owned.contains(&(p % self.partitions)))
-    }
-}
-
-/// The partition of an origin stream `topic[partition]`.
-fn partition_of(stream: &str) -> Option<u32> {
-    let (_, p) = stream.strip_suffix(']')?.rsplit_once('[')?;
-    p.parse().ok()
-}
+pub use crate::store::streams::OwnershipRecord;
 
 /// Parses the `ownership` meta value.
 pub(super) fn parse_ownership(text: &str) -> anyhow::Result<OwnershipRecord> {
