@@ -665,8 +665,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only one source may be \"partitioned\""), "{err}");
-        let err = with(&[("ordering", "partitioned"), ("catalog", "shared")]).unwrap_err().to_string();
-        assert!(err.contains("sources.identity.assignment: beside the partitioned source 'ordering'"), "{err}");
+        let err = with(&[("ordering", "partitioned"), ("catalog", "shared")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sources.identity.assignment: beside the partitioned source 'ordering'"),
+            "{err}"
+        );
         let err = with(&[("catalog", "shared")]).unwrap_err().to_string();
         assert!(
             err.contains("sources.catalog.assignment: \"shared\" goes with one \"partitioned\""),

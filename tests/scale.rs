@@ -301,6 +301,26 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Every worker reports its partitions' lag, labelled by topic and partition.
+    let addr = a.http_addr().await;
+    let orders_topic = dbz.topic(&ORDERS);
+    wait_until("per-partition lag in /metrics", T, || async {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| {
+                l.starts_with("viewkeeper_kafka_partition_lag{")
+                    && l.contains(&format!("topic=\"{orders_topic}\""))
+                    && l.contains("partition=\"")
+            })
+            .then_some(())
+    })
+    .await;
+
     // `viewkeeper verify` is clean on every live worker's data dir.
     for (name, _) in &live {
         let out = verify(&cfg, &dir(name));
