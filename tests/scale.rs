@@ -321,6 +321,20 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
     })
     .await;
 
+    // A rebuild beside one worker would see only its partitions: refused, with the reason.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["backfill", "--projection", "orders_view", "--rebuild", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir("a"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("split across the workers"),
+        "{err}"
+    );
+
     // `viewkeeper verify` is clean on every live worker's data dir.
     for (name, _) in &live {
         let out = verify(&cfg, &dir(name));

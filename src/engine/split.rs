@@ -64,6 +64,18 @@ impl Split {
         }
     }
 
+    /// As the worker whose store recorded `rec` (a command beside it: `dlq replay`).
+    pub fn owning(source: String, governed: BTreeSet<String>, rec: &OwnershipRecord) -> Split {
+        Split {
+            own: Some(Ownership {
+                partitions: rec.partitions,
+                owned: rec.owned.iter().copied().collect(),
+                ..Default::default()
+            }),
+            ..Split::new(source, governed)
+        }
+    }
+
     pub fn known(&self) -> bool {
         self.own.is_some()
     }
