@@ -301,6 +301,7 @@ impl Config {
                 out.push(format!("{p}: no table reads from this source; add [tables.NAME] with source = \"{name}\" or remove the source"));
             }
         }
+        self.validate_assignment(&mut out);
         for (name, t) in &self.tables {
             if !self.sources.contains_key(&t.source) {
                 out.push(format!(
@@ -370,6 +371,70 @@ fn check_ident(out: &mut Vec<String>, path: &str, s: &str) {
         out.push(format!(
             "{path}: '{s}' is not a valid name: use 1-63 lowercase letters, digits and underscores, not starting with a digit"
         ));
+    }
+}
+
+impl Config {
+    /// The Debezium sources by `assignment`: at most one `partitioned` (its partitions
+    /// split the documents of every split table), and `shared` ones only beside it.
+    fn validate_assignment(&self, out: &mut Vec<String>) {
+        use viewkeeper_connectors::sources::debezium::Assignment;
+        let of = |a: Assignment| -> Vec<&String> {
+            self.sources
+                .iter()
+                .filter(|(_, s)| matches!(s, SourceConfig::Debezium(d) if d.assignment == a))
+                .map(|(n, _)| n)
+                .collect()
+        };
+        let (partitioned, shared) = (of(Assignment::Partitioned), of(Assignment::Shared));
+        if partitioned.len() > 1 {
+            out.push(format!(
+                "sources.{}.assignment: only one source may be \"partitioned\" (also: {}); the workers split documents by one source's partitions",
+                partitioned[1],
+                partitioned[0]
+            ));
+        }
+        if let Some(p) = partitioned.first() {
+            // Every worker runs every source: the others must be read whole by each.
+            for (name, src) in &self.sources {
+                match src {
+                    SourceConfig::Debezium(d) if d.assignment == Assignment::Whole => out.push(format!(
+                        "sources.{name}.assignment: beside the partitioned source '{p}' every other source is read by every worker: set assignment = \"shared\""
+                    )),
+                    SourceConfig::Postgres(_) => out.push(format!(
+                        "sources.{name}: a Postgres source beside the partitioned source '{p}': every worker would stream from its one replication slot; feed its tables through Debezium with assignment = \"shared\", or run it in a worker of its own"
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        if partitioned.is_empty() {
+            for s in shared {
+                out.push(format!("sources.{s}.assignment: \"shared\" goes with one \"partitioned\" source (whose partitions split the work between workers); a single worker reads it whole with the default, \"whole\""));
+            }
+        }
+    }
+
+    /// Several workers: the partitioned source and the tables whose documents are split
+    /// (those of the partitioned and of the shared sources).
+    pub fn split(&self) -> Option<(String, BTreeSet<String>)> {
+        use viewkeeper_connectors::sources::debezium::Assignment;
+        let assignment = |s: &str| match self.sources.get(s) {
+            Some(SourceConfig::Debezium(d)) => d.assignment,
+            _ => Assignment::Whole,
+        };
+        let source = self
+            .sources
+            .keys()
+            .find(|s| assignment(s) == Assignment::Partitioned)?
+            .clone();
+        let governed = self
+            .tables
+            .iter()
+            .filter(|(_, t)| assignment(&t.source) != Assignment::Whole)
+            .map(|(n, _)| n.clone())
+            .collect();
+        Some((source, governed))
     }
 }
 
@@ -573,6 +638,46 @@ mod tests {
             dbz.sources.keys().collect::<Vec<_>>()
         );
         assert!(dbz.sources.values().all(|s| matches!(s, SourceConfig::Debezium(_))));
+    }
+
+    #[test]
+    fn several_workers_need_one_partitioned_source() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/");
+        let text = std::fs::read_to_string(format!("{dir}shop-debezium.toml")).unwrap();
+        let with = |pairs: &[(&str, &str)]| {
+            let mut t = text.clone();
+            for (svc, a) in pairs {
+                let line = format!("topic_prefix = \"{svc}\"");
+                t = t.replace(&line, &format!("{line}\nassignment = \"{a}\""));
+            }
+            load(&t)
+        };
+        let c = with(&[
+            ("ordering", "partitioned"),
+            ("catalog", "shared"),
+            ("identity", "shared"),
+        ])
+        .unwrap();
+        let (source, governed) = c.split().unwrap();
+        assert_eq!(source, "ordering");
+        assert_eq!(governed.len(), 4, "{governed:?}");
+        let err = with(&[("ordering", "partitioned"), ("catalog", "partitioned")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only one source may be \"partitioned\""), "{err}");
+        let err = with(&[("ordering", "partitioned"), ("catalog", "shared")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sources.identity.assignment: beside the partitioned source 'ordering'"),
+            "{err}"
+        );
+        let err = with(&[("catalog", "shared")]).unwrap_err().to_string();
+        assert!(
+            err.contains("sources.catalog.assignment: \"shared\" goes with one \"partitioned\""),
+            "{err}"
+        );
+        assert!(with(&[]).unwrap().split().is_none());
     }
 
     #[test]

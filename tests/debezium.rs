@@ -480,3 +480,207 @@ async fn waits_for_a_record_offset_then_reads_see_it() {
         "{body}"
     );
 }
+
+/// `verify` in the data dir of one worker of a split source (the store's `ownership`
+/// record): projections rooted in a governed table are compared on the documents of the
+/// owned partitions only; the others' documents (rendered from rows of other partitions,
+/// or with no row here at all) are counted as other workers', never reported, never
+/// repaired. Without the record, the same sinks are verified whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_of_a_split_worker_compares_only_its_partitions() {
+    use redis::AsyncCommands;
+    let shop = Shop::new("dbzsplit").await;
+    let mut dbz = Debezium::new(&shop).await;
+    let mem = Remembered::default();
+    shop.exec("identity", "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 10) g").await;
+    shop.exec("catalog", "INSERT INTO products(id, sku, name, price, status) SELECT g, 'SKU-' || g, 'Product ' || g, g + 0.5, 'active' FROM generate_series(1, 12) g").await;
+    shop.exec(
+        "ordering",
+        "INSERT INTO orders SELECT g, 1 + g % 10, 'new', g, NULL, now(), now() FROM generate_series(1, 30) g;
+         INSERT INTO order_items SELECT o, l, 1 + (o + l) % 12, l, 2.50 FROM generate_series(1, 30) o, generate_series(1, 2) l",
+    )
+    .await;
+    for t in [&CUSTOMERS, &PRODUCTS, &ORDERS, &ITEMS] {
+        dbz.snapshot(&shop, t).await;
+    }
+    let cfg = shop.config_from("shop-debezium.toml", "");
+    let data = shop.data_dir.path().join("data");
+    let mut w = Worker::start(&cfg, &data);
+    converge(&shop, T).await;
+    converge_orders(&shop, &mem, T).await;
+    assert_eq!(w.terminate(), Some(0));
+    let verify = |extra: &[&str]| {
+        let out = shop.viewkeeper(&cfg, &[&["verify"], extra].concat());
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), out.stdout, text)
+    };
+    let (clean, _, text) = verify(&[]);
+    assert!(clean, "clean before the split: {text}");
+
+    // This worker owns partition 0 of 2: the ids of each partition, by the rows' origins.
+    let db = rusqlite::Connection::open(data.join("state.db")).unwrap();
+    let by_partition = |table: &str| -> [Vec<i64>; 2] {
+        let mut st = db.prepare("SELECT key, origin FROM rows WHERE tbl = ?1").unwrap();
+        let mut out = [vec![], vec![]];
+        for (key, origin) in st
+            .query_map([table], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+        {
+            let id: Vec<i64> = serde_json::from_str(&key).unwrap();
+            let p: usize = origin
+                .rsplit_once('[')
+                .unwrap()
+                .1
+                .trim_end_matches(']')
+                .parse()
+                .unwrap();
+            out[p % 2].push(id[0]);
+        }
+        out
+    };
+    let [orders0, orders1] = by_partition("orders");
+    let [products0, products1] = by_partition("products");
+    assert!(
+        !orders0.is_empty() && !orders1.is_empty() && !products0.is_empty() && !products1.is_empty(),
+        "rows of both partitions: {orders0:?} {orders1:?} {products0:?} {products1:?}"
+    );
+    db.execute(
+        "INSERT INTO meta(k, v) VALUES ('ownership', ?1)",
+        [json!({"source": "ordering", "partitions": 2, "owned": [0],
+                "governed": ["orders", "order_items", "products", "customers"],
+                "since_ms": 1_764_710_000_000_i64})
+        .to_string()],
+    )
+    .unwrap();
+
+    // Behind the workers' backs: an owned order changed, an order of the other partition
+    // deleted, a document with no row here; an owned product's entry changed, one of the
+    // other partition changed and taken out of the active set.
+    let (mine, not_mine) = (orders0[0], orders1[0]);
+    let (mine_p, not_mine_p) = (products0[0], products1[0]);
+    let http = reqwest::Client::new();
+    let doc = format!("{}/{}/_doc", servers().search, shop.alias());
+    let mut d: Value = http
+        .get(format!("{doc}/{mine}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    d["_source"]["status"] = json!("tampered");
+    let put = http
+        .put(format!("{doc}/{mine}"))
+        .json(&d["_source"])
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{:?}", put.text().await);
+    let del = http.delete(format!("{doc}/{not_mine}")).send().await.unwrap();
+    assert!(del.status().is_success(), "{:?}", del.text().await);
+    let put = http
+        .put(format!("{doc}/9999"))
+        .json(&json!({"order_id": 9999, "status": "elsewhere"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{:?}", put.text().await);
+    let mut r = shop.redis().await;
+    let key = |id: i64| shop.key(&format!("ordering:product:{id}"));
+    let _: () = r.hset(key(mine_p), "price", "0.01").await.unwrap();
+    let _: () = r.hset(key(not_mine_p), "price", "0.02").await.unwrap();
+    let active = shop.key("storefront:products:active");
+    let _: () = r.srem(&active, not_mine_p.to_string()).await.unwrap();
+
+    let (clean, stdout, text) = verify(&["--json"]);
+    assert!(!clean, "the owned documents differ: {text}");
+    let report: Value = serde_json::from_slice(&stdout).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let found: Vec<(&str, &str, &str)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["projection"].as_str().unwrap(),
+                f["kind"].as_str().unwrap(),
+                f["id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (mine_s, mine_key) = (mine.to_string(), key(mine_p));
+    assert_eq!(
+        found,
+        [
+            ("ordering_products", "stale", mine_key.as_str()),
+            ("orders_view", "stale", mine_s.as_str()),
+        ],
+        "only the owned documents: {text}"
+    );
+    assert_eq!(report["checked"]["orders_view"], json!(orders0.len()), "{text}");
+    assert_eq!(
+        report["other_workers"]["orders_view"],
+        json!(orders1.len() + 1),
+        "the other partition's orders and the document with no row here: {text}"
+    );
+    assert_eq!(report["checked"]["ordering_products"], json!(products0.len()), "{text}");
+    assert_eq!(
+        report["other_workers"]["ordering_products"],
+        json!(products1.len()),
+        "{text}"
+    );
+    let (_, _, text) = verify(&[]);
+    let line = format!(
+        "orders_view: {} documents of partitions [0] compared; {} belong to other workers",
+        orders0.len(),
+        orders1.len() + 1
+    );
+    assert!(text.contains(&line), "{line:?} in {text}");
+
+    // The repair writes the owned ones only.
+    let (clean, _, text) = verify(&["--repair"]);
+    assert!(clean, "repaired: {text}");
+    let (clean, _, text) = verify(&[]);
+    assert!(clean, "clean after the repair: {text}");
+    let got: Value = http
+        .get(format!("{doc}/{mine}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["_source"]["status"], json!("new"), "{got}");
+    let gone = http.get(format!("{doc}/{not_mine}")).send().await.unwrap();
+    assert_eq!(gone.status(), 404, "another worker's document is not written");
+    let kept = http.get(format!("{doc}/9999")).send().await.unwrap();
+    assert_eq!(kept.status(), 200, "another worker's document is not removed");
+    let p: Option<String> = r.hget(key(not_mine_p), "price").await.unwrap();
+    assert_eq!(p.as_deref(), Some("0.02"), "another worker's entry is not written");
+    let member: bool = r.sismember(&active, not_mine_p.to_string()).await.unwrap();
+    assert!(!member, "another worker's member is not added");
+
+    // Without the record, the store answers for every document again.
+    db.execute("DELETE FROM meta WHERE k = 'ownership'", []).unwrap();
+    let (clean, stdout, text) = verify(&["--json"]);
+    assert!(!clean, "{text}");
+    let report: Value = serde_json::from_slice(&stdout).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let kinds: Vec<(String, String)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["kind"].as_str().unwrap().into(), f["id"].as_str().unwrap().into()))
+        .collect();
+    for want in [
+        ("missing".to_string(), not_mine.to_string()),
+        ("extra".to_string(), "9999".to_string()),
+        ("stale".to_string(), key(not_mine_p)),
+        ("active_set".to_string(), not_mine_p.to_string()),
+    ] {
+        assert!(kinds.contains(&want), "{want:?} in {kinds:?}");
+    }
+}

@@ -149,4 +149,16 @@ pub trait Sink: Send + Sync {
         let _ = ids;
         Box::pin(async { Ok(None) })
     }
+
+    /// The highest version the sink holds among the documents `ids` of `target` (`None`:
+    /// none of them, or it cannot tell). A worker taking documents over from another
+    /// raises its clock above it, so its writes are not refused as older.
+    fn max_version<'a>(
+        &'a self,
+        target: &'a Target,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
+        let _ = (target, ids);
+        Box::pin(async { Ok(None) })
+    }
 }

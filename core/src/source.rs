@@ -56,6 +56,27 @@ pub struct SourceBatch {
     pub checkpoint: Option<Checkpoint>,
     /// Set on the batches of an initial snapshot or a re-read.
     pub snapshot: Option<SnapshotMark>,
+    /// A partitioned source's ownership from this batch on (see [`Ownership`]).
+    pub ownership: Option<Ownership>,
+}
+
+/// Which partitions of a partitioned source (several workers in one consumer group)
+/// this worker writes the documents of. Carried by a batch, it takes effect once the
+/// batch's changes are applied: a document is written only while the partition of its
+/// root row is owned.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ownership {
+    /// Partitions of each of the source's topics (co-partitioned). A document rooted in a
+    /// shared table belongs to partition `root row's partition mod partitions`.
+    pub partitions: u32,
+    pub owned: std::collections::BTreeSet<u32>,
+    /// Partitions a rebalance in progress may take away: their documents affected
+    /// meanwhile are remembered and written if the partitions stay (`owned` again).
+    pub suspended: std::collections::BTreeSet<u32>,
+    /// Partitions taken over with this batch (their rows are restored): every document
+    /// of them is written again once the batch is applied, with versions above those the
+    /// sinks hold for them (their previous owners' clocks may be ahead of this one's).
+    pub takeover: std::collections::BTreeSet<u32>,
 }
 
 /// Progress of an initial snapshot, carried by its batches and stored by the engine in
@@ -81,6 +102,10 @@ pub enum SnapshotMark {
     ReloadChunk { table: String, last_key: Vec<String> },
     /// The re-read of `table` is complete.
     ReloadDone { table: String },
+    /// Rows of partitions a worker takes over, read up to where the previous owner got:
+    /// applied (not rendered), not a checkpoint; the batch taking the partitions over
+    /// ([`Ownership::takeover`]) renders their documents.
+    Restore,
 }
 
 impl SnapshotMark {

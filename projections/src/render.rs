@@ -337,6 +337,14 @@ impl Projection {
         Ok(roots)
     }
 
+    /// The id of the document of the root row `key` (`None`: no such row).
+    pub fn doc_id(&self, key: &Key, lookup: &dyn RowLookup) -> Result<Option<String>, RenderError> {
+        match lookup.get(&self.spec.root, key)? {
+            Some(row) => self.render_key(&row).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Renders the document of the root row `key`; `Ok(None)` when the state store
     /// has no such row (nothing to write).
     pub fn render(&self, key: &Key, lookup: &dyn RowLookup) -> Result<Option<Rendered>, RenderError> {

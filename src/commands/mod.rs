@@ -139,7 +139,12 @@ pub async fn standalone_engine(
     let Some(clients) = connect_sinks(cfg, shutdown).await else {
         return Ok(None);
     };
-    let engine = Engine::new(store, projections, sinks_of(&clients), &cfg.engine);
+    let ownership = store.ownership()?;
+    let mut engine = Engine::new(store, projections, sinks_of(&clients), &cfg.engine);
+    if let (Some((source, governed)), Some(rec)) = (cfg.split(), ownership) {
+        // Beside a worker of a split source: only the documents it owns.
+        engine.split = Some(crate::engine::split::Split::owning(source, governed, &rec));
+    }
     Ok(Some((engine, clients)))
 }
 

@@ -27,6 +27,11 @@ pub async fn rebuild(
             cfg.projections.keys().cloned().collect::<Vec<_>>().join(", ")
         );
     }
+    if let Some((source, governed)) = cfg.split() {
+        if governed.contains(&cfg.projections[projection].root) {
+            bail!("projection '{projection}' is split across the workers of source '{source}' (assignment = \"partitioned\"): a rebuild beside one worker would see only that worker's partitions; `backfill --rebuild` does not support split projections yet");
+        }
+    }
     let Some((mut engine, clients)) = standalone_engine(cfg, data_dir, &shutdown).await? else {
         return Ok(());
     };

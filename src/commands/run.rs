@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use viewkeeper_connectors::sources::debezium::{DebeziumSource, FedTable};
+use viewkeeper_connectors::sources::debezium::{DebeziumSource, FedTable, Scaling};
 use viewkeeper_connectors::sources::postgres::decode::TableBinding;
 use viewkeeper_connectors::sources::postgres::reload::Reload;
 use viewkeeper_connectors::sources::postgres::{PgRun, PgSource};
@@ -82,6 +82,7 @@ fn source_of(
     store: &Store,
     mode: Mode,
     streaming: Arc<std::sync::atomic::AtomicBool>,
+    scale: &Scaling,
 ) -> anyhow::Result<Option<Box<dyn Source>>> {
     Ok(match sc {
         SourceConfig::Debezium(_) if mode == Mode::Backfill => {
@@ -94,6 +95,7 @@ fn source_of(
             d.clone(),
             &fed_tables(cfg, name),
             streaming,
+            scale.clone(),
         )?)),
         SourceConfig::Postgres(pg) => Some(Box::new(PgSource::new(
             name,
@@ -131,7 +133,18 @@ pub async fn run(
         return Ok(Default::default());
     };
     let sinks = sinks_of(&clients);
+    // What Kafka sources shared with other workers need of this store.
+    let scale = Scaling {
+        worker_id: store.worker_id()?,
+        offsets: store.stream_offsets()?,
+        clock: store.clock(),
+        gate: Default::default(),
+    };
     let mut engine = Engine::new(store, projections, sinks.clone(), &cfg.engine);
+    if let Some((source, governed)) = cfg.split().filter(|_| mode == Mode::Run) {
+        info!(worker = %scale.worker_id, source = %source, tables = ?governed, "several workers: documents split by the partitions of source {source}");
+        engine.split = Some(crate::engine::split::Split::new(source, governed));
+    }
     // Every search projection's index (and alias) exists; one created over a state store
     // that already holds rows (the search server lost its data while the worker was away)
     // is filled before streaming on.
@@ -208,7 +221,7 @@ pub async fn run(
         let from = engine.store.checkpoint(name)?;
         let (ack_tx, ack_rx) = watch::channel(from);
         acks.insert(name.clone(), ack_tx);
-        let Some(src) = source_of(cfg, name, sc, &engine.store, mode, health.sources[name].clone())? else {
+        let Some(src) = source_of(cfg, name, sc, &engine.store, mode, health.sources[name].clone(), &scale)? else {
             continue;
         };
         let run = SourceRun {

@@ -44,6 +44,9 @@ pub(super) struct Prepared {
     /// Dead letters of the sources (stored with the batch's state), for the metrics and
     /// the status page.
     pub source_letters: Vec<DeadLetter>,
+    /// Partitions taken over with this batch: their documents are written whole before
+    /// it is acknowledged ([`super::split`]).
+    pub takeover: BTreeSet<u32>,
 }
 
 /// The plain text of a key (`42`, `1001:2`): the member of cache sets.
@@ -128,6 +131,7 @@ impl Engine {
         let mut source_letters = Vec::new();
         let mut completed = Vec::new();
         let mut infos = Vec::with_capacity(batches.len());
+        let mut takeover = BTreeSet::new();
         for b in &batches {
             if let Some(mark) = &b.snapshot {
                 tx.record_snapshot(&b.source, mark)?;
@@ -179,6 +183,19 @@ impl Engine {
                     ..Default::default()
                 });
             }
+            if let (Some(own), Some(split)) = (&b.ownership, self.split.as_mut()) {
+                // Gathered last (see `gather`): what came before was under the old ownership.
+                for (pi, p) in self.projections.iter().enumerate() {
+                    split.retain(pi, p.root_table(), &mut affected[pi], &tx)?;
+                }
+                let first = !split.known();
+                takeover.extend(split.take(own.clone(), &mut affected));
+                tx.record_ownership(&split.record())?;
+                if first {
+                    self.resync_due = true; // marked re-writes waited for it
+                }
+            }
+            tx.record_streams(&b.changes)?;
             super::meta::record(&mut self.applied, b);
             self.stats.changes += b.changes.len() as u64;
             infos.push(BatchInfo {
@@ -190,6 +207,11 @@ impl Engine {
             });
         }
         drop(batches);
+        if let Some(split) = self.split.as_mut() {
+            for (pi, p) in self.projections.iter().enumerate() {
+                split.retain(pi, p.root_table(), &mut affected[pi], &tx)?;
+            }
+        }
         tx.add_dead_letters(&source_letters)?;
         let total: u64 = affected.iter().map(|s| s.len() as u64).sum();
         let mut version = if total > 0 { tx.next_versions(total)? } else { 0 };
@@ -245,6 +267,7 @@ impl Engine {
             tag,
             permits,
             source_letters,
+            takeover,
         })
     }
 }

@@ -27,6 +27,7 @@ pub mod meta;
 mod observe;
 pub mod queue;
 pub mod resync;
+pub mod split;
 mod write;
 
 pub use observe::Stats;
@@ -118,6 +119,8 @@ pub struct Engine {
     /// Per source: where its durable position is published (`/v1/wait`); the engine
     /// raises Postgres sources' LSN with every checkpoint stored.
     pub durable: BTreeMap<String, viewkeeper_core::DurableTx>,
+    /// Several workers over a partitioned source: which documents this one writes.
+    pub split: Option<split::Split>,
 }
 
 /// A batch in flight: its write task and what step 3 needs.
@@ -178,6 +181,7 @@ impl Engine {
             progress: Arc::new(LogProgress::default()),
             applied,
             durable: BTreeMap::new(),
+            split: None,
         }
     }
 
@@ -222,11 +226,14 @@ impl Engine {
     /// Takes the batches waiting, up to `max_batch_changes` changes.
     fn gather(&self, first: SourceBatch, rx: &mut mpsc::Receiver<SourceBatch>) -> Vec<SourceBatch> {
         let mut n = first.changes.len();
+        // A change of ownership ends a group: it takes effect between two batches.
+        let mut ends = first.ownership.is_some();
         let mut batches = vec![first];
-        while n < self.max_batch_changes {
+        while n < self.max_batch_changes && !ends {
             match rx.try_recv() {
                 Ok(b) => {
                     n += b.changes.len();
+                    ends = b.ownership.is_some();
                     batches.push(b);
                 }
                 Err(_) => break,
@@ -340,6 +347,15 @@ impl Engine {
                 letters.push(write::rejection_letter(proj, r, &p.docs[pi]));
             }
             self.stats.documents += p.docs[pi].len() as u64;
+        }
+        if !p.takeover.is_empty() {
+            // Partitions taken over: every document of them, from this worker's rows,
+            // before the batch (and so the partitions' offsets) is acknowledged.
+            for pi in 0..self.projections.len() {
+                if self.split_governs(pi) && !self.take_over(pi, &p.takeover, shutdown).await? {
+                    return Ok(false);
+                }
+            }
         }
         let (mut checkpoints, acks) = checkpoints_of(&p.infos);
         if !p.completed.is_empty() {

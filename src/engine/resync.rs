@@ -87,6 +87,18 @@ impl Engine {
         into: Option<&str>,
         shutdown: &CancellationToken,
     ) -> Result<bool, EngineError> {
+        self.render_all_of(pi, into, None, shutdown).await
+    }
+
+    /// [`Engine::render_all`]; of a projection split across workers only the documents
+    /// this worker owns, of partitions `only` if given ([`super::split`]).
+    pub(super) async fn render_all_of(
+        &mut self,
+        pi: usize,
+        into: Option<&str>,
+        only: Option<&BTreeSet<u32>>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, EngineError> {
         let mut backoff = viewkeeper_core::retry::backoff(self.retry_min, self.retry_max);
         let target = Target {
             into: into.map(str::to_string),
@@ -103,8 +115,7 @@ impl Engine {
                     _ = tokio::time::sleep(delay) => continue 'again,
                 }
             }
-            let root = self.projections[pi].root_table().to_string();
-            let keys = Arc::new(tokio::task::block_in_place(|| self.store.keys(&root))?);
+            let keys = Arc::new(self.rewrite_keys(pi, only)?);
             let name = self.projections[pi].name.clone();
             info!(projection = %name, documents = keys.len(), into = into.unwrap_or("alias"), "re-writing every document");
             self.progress.start(&name, keys.len() as u64);
@@ -298,10 +309,19 @@ impl Engine {
         if pending.roots.is_empty() {
             return Ok(true);
         }
+        let mut held = false;
         for (name, keys) in &pending.roots {
             let Some(pi) = self.projections.iter().position(|p| &p.name == name) else {
                 continue; // no longer configured
             };
+            if self.split_governs(pi) {
+                // Split across workers: written once this worker knows what it owns (the
+                // rows stay owed in the store until then).
+                let split = self.split.as_mut().expect("governs");
+                split.hold(pi, keys);
+                held = true;
+                continue;
+            }
             info!(projection = %name, documents = keys.len(), "writing the documents a previous run did not finish");
             let keys: Vec<Key> = keys.clone();
             let Some(letters) = self.rewrite(pi, &keys, shutdown).await? else {
@@ -309,7 +329,9 @@ impl Engine {
             };
             tokio::task::block_in_place(|| self.store.add_dead_letters(&letters))?;
         }
-        tokio::task::block_in_place(|| self.store.clear_pending(pending.through))?;
+        if !held {
+            tokio::task::block_in_place(|| self.store.clear_pending(pending.through))?;
+        }
         Ok(true)
     }
 
@@ -323,6 +345,10 @@ impl Engine {
                 tokio::task::block_in_place(|| self.store.clear_resync(&name))?;
                 continue;
             };
+            if self.split_governs(pi) && !self.split.as_ref().is_some_and(|s| s.known()) {
+                info!(projection = %name, reason = %why, "re-writing the documents this worker owns once it knows which");
+                continue;
+            }
             let sources: BTreeSet<String> = self
                 .store
                 .catalog()

@@ -196,7 +196,7 @@ impl StoreTx<'_> {
                 0,
             ),
             SnapshotMark::ReloadDone { table } => ("reload_progress", table.as_str(), None, 1),
-            SnapshotMark::Complete | SnapshotMark::CatchUp => return Ok(()),
+            SnapshotMark::Complete | SnapshotMark::CatchUp | SnapshotMark::Restore => return Ok(()),
             SnapshotMark::Begin => {
                 self.tx
                     .execute("DELETE FROM snapshot_progress WHERE source = ?1", params![source])?;

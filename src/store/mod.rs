@@ -30,6 +30,7 @@ mod lookup;
 pub mod merge;
 mod rows;
 pub mod shape;
+pub mod streams;
 
 pub use checkpoints::Pending;
 pub use merge::Applied;
@@ -82,6 +83,9 @@ pub struct Store {
     dir: std::path::PathBuf,
     /// Rows and TRUNCATE watermarks in memory ([`cache`]).
     cache: RefCell<RowCache>,
+    /// The highest version reserved ([`clock`]), for whoever reports it (a partitioned
+    /// source's offset commits).
+    clock: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Rows a store keeps in memory unless told otherwise ([`Store::set_row_cache`]).
@@ -103,6 +107,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rows(
         tbl TEXT NOT NULL, cols TEXT NOT NULL, val TEXT NOT NULL, key TEXT NOT NULL,
         PRIMARY KEY(tbl, cols, val, key)) WITHOUT ROWID;
      CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+     CREATE TABLE IF NOT EXISTS streams(stream TEXT PRIMARY KEY, next INTEGER NOT NULL);
      CREATE TABLE IF NOT EXISTS checkpoints(
         source TEXT PRIMARY KEY, pos_major INTEGER NOT NULL, pos_minor INTEGER NOT NULL,
         updated_ms INTEGER NOT NULL);
@@ -167,8 +172,10 @@ impl Store {
             catalog,
             dir: dir.to_path_buf(),
             cache: RefCell::new(RowCache::new(DEFAULT_ROW_CACHE)),
+            clock: Default::default(),
         };
         store.sync_indexes()?;
+        store.load_clock()?;
         Ok(store)
     }
 
@@ -182,6 +189,7 @@ impl Store {
             catalog,
             dir: dir.to_path_buf(),
             cache: RefCell::new(RowCache::new(DEFAULT_ROW_CACHE)),
+            clock: Default::default(),
         };
         store.check_fits()?;
         Ok(store)
@@ -204,6 +212,7 @@ impl Store {
             // Reads outside write transactions do not use cached rows (nothing would tell
             // them that the worker wrote meanwhile); the TRUNCATE watermarks are read once.
             cache: RefCell::new(RowCache::new(0)),
+            clock: Default::default(),
         })
     }
 
@@ -227,7 +236,11 @@ impl Store {
     /// SQLITE_BUSY_SNAPSHOT, as a deferred transaction whose snapshot went stale does.
     pub fn begin(&mut self) -> Result<StoreTx<'_>, StoreError> {
         let Store {
-            conn, catalog, cache, ..
+            conn,
+            catalog,
+            cache,
+            clock,
+            ..
         } = self;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Holding the write lock: nobody else commits until this transaction ends.
@@ -238,6 +251,7 @@ impl Store {
             tx,
             catalog,
             cache,
+            clock,
             overlay: RefCell::default(),
         })
     }
@@ -310,6 +324,7 @@ pub struct StoreTx<'a> {
     tx: Transaction<'a>,
     catalog: &'a Catalog,
     cache: &'a RefCell<RowCache>,
+    clock: &'a std::sync::atomic::AtomicU64,
     /// What this transaction wrote, for the cache once it commits.
     overlay: RefCell<Overlay>,
 }

@@ -416,7 +416,9 @@ impl Worker {
                 .as_nanos()
         ));
         let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_viewkeeper"));
+        // VK_WORKER_BIN: another build of the worker (the benchmarks run the release one).
+        let bin = std::env::var_os("VK_WORKER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_viewkeeper").into());
+        let mut cmd = Command::new(bin);
         for (k, v) in env {
             cmd.env(k, v);
         }

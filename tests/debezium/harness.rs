@@ -1,5 +1,6 @@
 //! The broker side of the Debezium tests: the shop's tables as Debezium describes them,
 //! topics, a producer, and the LSNs each service's connector would give its events.
+#![allow(dead_code)] // shared by several test binaries, each using part of it
 
 use super::common::*;
 use base64::Engine as _;
@@ -29,6 +30,10 @@ pub struct Table {
     pub key: &'static [&'static str],
     pub cols: &'static [(&'static str, Ty)],
     pub partitions: i32,
+    /// The column that names the row's root, by which [`Debezium::with_partitions`] routes
+    /// it (as Debezium's PartitionRouting SMT would: an order by `id`, its lines by
+    /// `order_id`, so both land in the same partition).
+    pub route: &'static str,
 }
 
 pub const CUSTOMERS: Table = Table {
@@ -42,6 +47,7 @@ pub const CUSTOMERS: Table = Table {
         ("created_at", Ty::Zoned),
     ],
     partitions: 1,
+    route: "id",
 };
 pub const PRODUCTS: Table = Table {
     service: "catalog",
@@ -57,6 +63,7 @@ pub const PRODUCTS: Table = Table {
         ("updated_at", Ty::Zoned),
     ],
     partitions: 2,
+    route: "id",
 };
 pub const ORDERS: Table = Table {
     service: "ordering",
@@ -72,6 +79,7 @@ pub const ORDERS: Table = Table {
         ("updated_at", Ty::Zoned),
     ],
     partitions: 2,
+    route: "id",
 };
 pub const ITEMS: Table = Table {
     service: "ordering",
@@ -85,6 +93,7 @@ pub const ITEMS: Table = Table {
         ("unit_price", Ty::Dec2),
     ],
     partitions: 2,
+    route: "order_id",
 };
 
 pub fn field_schema(col: &str, ty: Ty, optional: bool) -> Value {
@@ -146,17 +155,38 @@ pub struct Debezium {
     pub produced: std::collections::HashMap<String, i64>,
     /// Partition and offset of the last record produced.
     pub last: Option<(i32, i64)>,
+    /// Set by [`Debezium::with_partitions`]: every topic has this many partitions and a
+    /// row's events go to partition `route column % n` instead of by key.
+    pub routed: Option<i32>,
+    /// Deliveries not yet waited for (see [`Debezium::begin_bulk`]).
+    pub bulk: Option<Vec<rdkafka::producer::DeliveryFuture>>,
 }
 
 impl Debezium {
+    /// Topics with each table's own partition count; records are partitioned by key.
     pub async fn new(shop: &Shop) -> Debezium {
+        Self::create(shop, None).await
+    }
+
+    /// Topics with `n` partitions each; a row's events go to partition `id % n` of its
+    /// root (the table's [`Table::route`] column), co-partitioning an order and its lines.
+    pub async fn with_partitions(shop: &Shop, n: i32) -> Debezium {
+        Self::create(shop, Some(n)).await
+    }
+
+    async fn create(shop: &Shop, routed: Option<i32>) -> Debezium {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &servers().kafka);
         let admin: AdminClient<DefaultClientContext> = cfg.create().unwrap();
         let prefix = shop.prefix.clone();
         let topics: Vec<(String, i32)> = [&CUSTOMERS, &PRODUCTS, &ORDERS, &ITEMS]
             .iter()
-            .map(|t| (format!("{prefix}_{}.public.{}", t.service, t.name), t.partitions))
+            .map(|t| {
+                (
+                    format!("{prefix}_{}.public.{}", t.service, t.name),
+                    routed.unwrap_or(t.partitions),
+                )
+            })
             .collect();
         let new: Vec<NewTopic<'_>> = topics
             .iter()
@@ -180,6 +210,8 @@ impl Debezium {
             lsn,
             produced: Default::default(),
             last: None,
+            routed,
+            bulk: None,
         }
     }
 
@@ -253,17 +285,65 @@ impl Debezium {
         )
     }
 
+    /// The partition a row's events go to: `None` (by key) unless routed.
+    pub fn partition_of(&self, t: &Table, row: &Map<String, Value>) -> Option<i32> {
+        let n = self.routed?;
+        let id = row[t.route]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{}.{} is not an integer: {row:?}", t.name, t.route));
+        Some(id.rem_euclid(n as i64) as i32)
+    }
+
     pub async fn send(&mut self, topic: &str, key: &str, value: Option<&str>) {
+        self.send_to(topic, None, key, value).await
+    }
+
+    /// [`Debezium::send`] to partition `partition` (`None`: the producer's partitioner).
+    /// From now on records are sent without waiting for each acknowledgement, until
+    /// [`Debezium::end_bulk`] (the benchmarks' bursts).
+    pub fn begin_bulk(&mut self) {
+        self.bulk = Some(Vec::new());
+    }
+
+    /// Waits for every record sent since [`Debezium::begin_bulk`].
+    pub async fn end_bulk(&mut self) {
+        for f in self.bulk.take().unwrap_or_default() {
+            f.await
+                .expect("delivery future")
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        }
+    }
+
+    pub async fn send_to(&mut self, topic: &str, partition: Option<i32>, key: &str, value: Option<&str>) {
         *self.produced.entry(topic.to_string()).or_default() += 1;
         let mut rec = FutureRecord::<str, str>::to(topic).key(key);
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
         if let Some(v) = value {
             rec = rec.payload(v);
+        }
+        if self.bulk.is_some() {
+            let f = self
+                .producer
+                .send_result(rec)
+                .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+            let flight = self.bulk.as_mut().expect("bulk");
+            flight.push(f);
+            if flight.len() >= 5000 {
+                self.end_bulk().await;
+                self.begin_bulk();
+            }
+            return;
         }
         let delivered = self
             .producer
             .send(rec, Duration::from_secs(30))
             .await
             .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+        if let Some(p) = partition {
+            assert_eq!(delivered.partition, p, "{topic}: produced to partition {p}");
+        }
         self.last = Some((delivered.partition, delivered.offset));
     }
 
@@ -307,9 +387,10 @@ impl Debezium {
             } else {
                 self.envelope(t, op, Value::Null, image, (Some(last), lsn))
             };
-            self.send(&self.topic(t), &key, Some(&value)).await;
+            let partition = self.partition_of(t, row);
+            self.send_to(&self.topic(t), partition, &key, Some(&value)).await;
             if op == "d" {
-                self.send(&self.topic(t), &key, None).await;
+                self.send_to(&self.topic(t), partition, &key, None).await;
             }
             out.push((key, value));
             lsn += 8;
@@ -318,13 +399,46 @@ impl Debezium {
         out
     }
 
+    /// [`Debezium::snapshot`] for many rows: records sent in flights of a few thousand
+    /// (the benchmarks' loads), each flight acknowledged before the next.
+    pub async fn snapshot_bulk(&mut self, shop: &Shop, t: &Table) {
+        let rows = returning(shop, t, &format!("SELECT * FROM {}", t.name)).await;
+        let (_, next) = self.lsn[t.service];
+        let topic = self.topic(t);
+        for chunk in rows.chunks(5000) {
+            let mut flight = Vec::with_capacity(chunk.len());
+            for row in chunk {
+                let value = self.envelope(t, "r", Value::Null, Self::encode_row(t, row), (None, next));
+                let key = self.key_of(t, row);
+                let mut rec = FutureRecord::<str, str>::to(&topic).key(&key).payload(&value);
+                if let Some(p) = self.partition_of(t, row) {
+                    rec = rec.partition(p);
+                }
+                flight.push(
+                    self.producer
+                        .send_result(rec)
+                        .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}")),
+                );
+            }
+            for f in flight {
+                f.await
+                    .expect("delivery future")
+                    .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+            }
+            *self.produced.entry(topic.clone()).or_default() += chunk.len() as i64;
+        }
+        self.lsn.insert(t.service, (next, next + 0x1000));
+    }
+
     /// Debezium's initial snapshot of `t`: an `r` event per row, at one LSN.
     pub async fn snapshot(&mut self, shop: &Shop, t: &Table) {
         let rows = returning(shop, t, &format!("SELECT * FROM {}", t.name)).await;
         let (_, next) = self.lsn[t.service];
         for row in &rows {
             let value = self.envelope(t, "r", Value::Null, Self::encode_row(t, row), (None, next));
-            self.send(&self.topic(t), &self.key_of(t, row), Some(&value)).await;
+            let partition = self.partition_of(t, row);
+            self.send_to(&self.topic(t), partition, &self.key_of(t, row), Some(&value))
+                .await;
         }
         // Streaming goes on after the snapshot's position.
         self.lsn.insert(t.service, (next, next + 0x1000));

@@ -1,5 +1,8 @@
 //! Comparing one projection's sink with what the truth renders: missing, stale (the
 //! differing fields named), extra, active-set members, unresolved references.
+//!
+//! A split projection ([`super::split`]): `want` holds only this worker's documents, and
+//! an entry of the sink that is not in it belongs to another worker: skipped, not extra.
 
 use super::truth::Expected;
 use crate::engine::meta::META_FIELD;
@@ -100,14 +103,17 @@ fn doc_diff(want: &Row, have: &Value) -> Option<String> {
 }
 
 /// Compares one projection; `only`: restrict to these ids (a re-check round; an active
-/// set is always checked whole: one SMEMBERS).
+/// set is always checked whole: one SMEMBERS). `split`: `want` holds only this worker's
+/// share; sink entries not in it are skipped (returned: their ids), not extra, and only
+/// the members of `want` are checked in an active set.
 pub(super) async fn compare(
     p: &Projection,
     others: &[&Projection],
     sink: &SinkRef,
     want: &BTreeMap<String, Expected>,
     only: Option<&BTreeSet<String>>,
-) -> anyhow::Result<Vec<Finding>> {
+    split: bool,
+) -> anyhow::Result<(Vec<Finding>, BTreeSet<String>)> {
     let f = |kind, id: &str, detail: String| Finding {
         projection: p.name.clone(),
         kind,
@@ -115,6 +121,8 @@ pub(super) async fn compare(
         detail,
     };
     let mut out = Vec::new();
+    let mut skipped = BTreeSet::new();
+    let theirs = |id: &str| split && !want.contains_key(id);
     let ids: Vec<String> = match only {
         Some(o) => o.iter().cloned().collect(),
         None => want.keys().cloned().collect(),
@@ -123,6 +131,12 @@ pub(super) async fn compare(
         SinkRef::Redis(r) => {
             let have = r.read(&ids).await?;
             for (id, h) in ids.iter().zip(&have) {
+                if theirs(id) {
+                    if !h.is_empty() {
+                        skipped.insert(id.clone());
+                    }
+                    continue;
+                }
                 match (want.get(id).and_then(|e| e.body.as_ref().map(|b| (b, e))), h.is_empty()) {
                     (None, false) => out.push(f(Kind::Extra, id, "no row behind this entry".into())),
                     (None, true) => {}
@@ -138,17 +152,23 @@ pub(super) async fn compare(
             if only.is_none() {
                 for k in r.scan(&p.id_pattern()).await? {
                     if !want.contains_key(&k) && owns(p, others, &k) {
-                        out.push(f(Kind::Extra, &k, "no row behind this entry".into()));
+                        if split {
+                            skipped.insert(k);
+                        } else {
+                            out.push(f(Kind::Extra, &k, "no row behind this entry".into()));
+                        }
                     }
                 }
             }
             // The set is checked whole (one SMEMBERS), also in re-check rounds.
             if let Some((set, should)) = active_members(p, want) {
                 let members = r.members(set).await?;
+                // Split: members of other workers' entries are theirs to keep.
+                let mine: BTreeSet<&String> = want.values().map(|e| &e.member).collect();
                 for m in should.difference(&members) {
                     out.push(f(Kind::ActiveSet, m, format!("missing from {set}")));
                 }
-                for m in members.difference(&should) {
+                for m in members.difference(&should).filter(|m| !split || mine.contains(m)) {
                     out.push(f(Kind::ActiveSet, m, format!("in {set} but not active")));
                 }
             }
@@ -167,6 +187,12 @@ pub(super) async fn compare(
                 }
             };
             for id in &ids {
+                if theirs(id) {
+                    if have.contains_key(id) {
+                        skipped.insert(id.clone());
+                    }
+                    continue;
+                }
                 match (want.get(id).and_then(|e| e.body.as_ref()), have.get(id)) {
                     (Some(_), None) => out.push(f(Kind::Missing, id, "no document".into())),
                     (None, Some(_)) => out.push(f(Kind::Extra, id, "no row behind this document".into())),
@@ -180,7 +206,11 @@ pub(super) async fn compare(
             }
             if only.is_none() {
                 for id in have.keys().filter(|id| !want.contains_key(*id)) {
-                    out.push(f(Kind::Extra, id, "no row behind this document".into()));
+                    if split {
+                        skipped.insert(id.clone());
+                    } else {
+                        out.push(f(Kind::Extra, id, "no row behind this document".into()));
+                    }
                 }
             }
         }
@@ -195,7 +225,7 @@ pub(super) async fn compare(
             }
         }
     }
-    Ok(out)
+    Ok((out, skipped))
 }
 
 /// Whether a key found by scanning `p`'s pattern is one of `p`'s entries: it has the shape

@@ -16,11 +16,17 @@
 //! and only those that persist are reported. `--repair` re-writes stale and missing
 //! entries and removes extras, then checks again ([`repair`]). Exit code 0 only when clean.
 //!
+//! A source split between workers by partition (the store's `ownership` record,
+//! [`split`]): a projection rooted in a governed table is compared only on the documents
+//! of this worker's root rows; sink documents of other root rows, or of none this store
+//! has, are other workers' (counted, never extra, never repaired).
+//!
 //! Files: [`truth`] (the databases' rows, and what they render), [`compare`] (the sinks
-//! against it), [`repair`].
+//! against it), [`repair`], [`split`].
 
 mod compare;
 mod repair;
+mod split;
 mod truth;
 
 pub use compare::owns;
@@ -35,7 +41,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
-use truth::{expected, load_truth};
+use truth::{expected, load_truth, Expected, Truth};
 use viewkeeper_connectors::sinks::redis::RedisSink;
 use viewkeeper_projections::render::Projection;
 
@@ -63,6 +69,27 @@ pub async fn verify(
             data_dir.display()
         )
     })?;
+    // A split source: which documents are this worker's.
+    let split_conn = split::open(data_dir)?;
+    let ownership = split::read_ownership(&split_conn)?;
+    let split_of = |p: &Projection| {
+        ownership
+            .as_ref()
+            .filter(|o| o.governed.iter().any(|t| t == p.root_table()))
+    };
+    // What the truth renders for `p` that this worker answers for, and the ids of the
+    // rest (other workers' documents).
+    let want_of = |p: &Projection, truth: &Truth| -> anyhow::Result<(BTreeMap<String, Expected>, BTreeSet<String>)> {
+        let want = expected(p, truth)?;
+        let Some(o) = split_of(p) else {
+            return Ok((want, BTreeSet::new()));
+        };
+        // Read after the truth: every root row it has is there.
+        let origins = split::origins(&split_conn, p.root_table())?;
+        Ok(split::mine(want, |root| {
+            o.owns(origins.get(root).and_then(|x| x.as_deref()))
+        }))
+    };
     let mut sinks = BTreeMap::new();
     for (name, sc) in &cfg.sinks {
         let s = match sc {
@@ -109,13 +136,18 @@ pub async fn verify(
     let mut truth = truth_now().await?;
     let mut findings: Vec<Finding> = Vec::new();
     let mut wants = Vec::new();
+    // Per projection: ids of other workers' documents (rendered here, or in the sink).
+    let mut theirs: Vec<BTreeSet<String>> = Vec::new();
     for p in &projections {
-        let want = expected(p, &truth)?;
+        let (want, mut not_mine) = want_of(p, &truth)?;
         if let SinkRef::Search(s, alias) = &sink_of(p)? {
             s.refresh(alias).await?;
         }
-        findings.extend(compare(p, &on_sink(p), &sink_of(p)?, &want, None).await?);
+        let (found, skipped) = compare(p, &on_sink(p), &sink_of(p)?, &want, None, split_of(p).is_some()).await?;
+        findings.extend(found);
+        not_mine.extend(skipped);
         wants.push(want);
+        theirs.push(not_mine);
     }
     // Re-check what differs: a worker may have had it in flight.
     for _ in 0..3 {
@@ -126,7 +158,7 @@ pub async fn verify(
         truth = truth_now().await?;
         let mut again = Vec::new();
         for (pi, p) in projections.iter().enumerate() {
-            wants[pi] = expected(p, &truth)?;
+            wants[pi] = want_of(p, &truth)?.0;
             let ids: BTreeSet<String> = findings
                 .iter()
                 .filter(|f| f.projection == p.name && f.fails() && f.kind != Kind::ActiveSet)
@@ -141,7 +173,15 @@ pub async fn verify(
                 continue;
             }
             // A difference counts only if it is there in every round.
-            let rechecked = compare(p, &on_sink(p), &sink_of(p)?, &wants[pi], Some(&ids)).await?;
+            let (rechecked, _) = compare(
+                p,
+                &on_sink(p),
+                &sink_of(p)?,
+                &wants[pi],
+                Some(&ids),
+                split_of(p).is_some(),
+            )
+            .await?;
             again.extend(
                 rechecked
                     .into_iter()
@@ -173,13 +213,19 @@ pub async fn verify(
         drop(w);
         let truth = truth_now().await?;
         for (pi, p) in projections.iter().enumerate() {
-            wants[pi] = expected(p, &truth)?;
+            let (want, not_mine) = want_of(p, &truth)?;
+            wants[pi] = want;
+            theirs[pi] = not_mine;
             let base = first + per * pi as u64;
-            repaired += repair::repair(p, &sink_of(p)?, &wants[pi], &findings, base).await?;
+            let split = split_of(p).is_some();
+            repaired += repair::repair(p, &sink_of(p)?, &wants[pi], &findings, base, split).await?;
         }
         let mut after = Vec::new();
         for (pi, p) in projections.iter().enumerate() {
-            after.extend(compare(p, &on_sink(p), &sink_of(p)?, &wants[pi], None).await?);
+            let (found, skipped) =
+                compare(p, &on_sink(p), &sink_of(p)?, &wants[pi], None, split_of(p).is_some()).await?;
+            after.extend(found);
+            theirs[pi].extend(skipped);
         }
         after.sort();
         findings = after;
@@ -190,18 +236,39 @@ pub async fn verify(
         .zip(&projections)
         .map(|(w, p)| (p.name.clone(), w.len()))
         .collect();
+    // Split projections: how many documents are other workers'.
+    let other_workers: BTreeMap<String, usize> = theirs
+        .iter()
+        .zip(&projections)
+        .filter(|(_, p)| split_of(p).is_some())
+        .map(|(t, p)| (p.name.clone(), t.len()))
+        .collect();
     if as_json {
         println!(
             "{}",
-            json!({"clean": failing == 0, "checked": counts, "repaired": repaired, "findings": findings})
+            json!({"clean": failing == 0, "checked": counts, "repaired": repaired, "findings": findings,
+                   "ownership": ownership, "other_workers": other_workers})
         );
     } else {
+        if let Some(o) = &ownership {
+            println!(
+                "split source {}: this worker owns partitions {:?} of {} (tables {})",
+                o.source,
+                o.owned,
+                o.partitions,
+                o.governed.join(", ")
+            );
+        }
         for (p, n) in &counts {
             let of_p: Vec<&Finding> = findings.iter().filter(|f| &f.projection == p).collect();
-            println!(
-                "{p}: {n} expected, {} differences",
-                of_p.iter().filter(|f| f.fails()).count()
-            );
+            let differences = of_p.iter().filter(|f| f.fails()).count();
+            match (other_workers.get(p), &ownership) {
+                (Some(m), Some(o)) => println!(
+                    "{p}: {n} documents of partitions {:?} compared; {m} belong to other workers; {differences} differences",
+                    o.owned
+                ),
+                _ => println!("{p}: {n} expected, {differences} differences"),
+            }
             for f in of_p.iter().take(20) {
                 println!("  {:?} {}: {}", f.kind, f.id, f.detail);
             }

@@ -10,17 +10,21 @@ use viewkeeper_projections::render::Projection;
 
 /// Re-writes what differs: stale and missing entries from the truth, extras removed.
 /// `first`: the first of the versions reserved for it, taken before `want` was read.
+/// `split`: `want` is this worker's share of a split projection; an id not in it (any
+/// more) is another worker's, and left alone.
 pub(super) async fn repair(
     p: &Projection,
     sink: &SinkRef,
     want: &BTreeMap<String, Expected>,
     findings: &[Finding],
     first: u64,
+    split: bool,
 ) -> anyhow::Result<usize> {
     let ids: BTreeSet<&String> = findings
         .iter()
         .filter(|f| f.projection == p.name && matches!(f.kind, Kind::Missing | Kind::Stale | Kind::Extra))
         .map(|f| &f.id)
+        .filter(|id| !split || want.contains_key(*id))
         .collect();
     let active = active_members(p, want).map(|(_, m)| m).unwrap_or_default();
     let target = Target {
@@ -59,9 +63,11 @@ pub(super) async fn repair(
             let keys: Vec<String> = extra.iter().map(|d| d.id.clone()).collect();
             r.remove(&keys, None).await?;
             if let Some((set, should)) = active_members(p, want) {
+                let mine: BTreeSet<&String> = want.values().map(|e| &e.member).collect();
                 let (add, rem): (Vec<String>, Vec<String>) = findings
                     .iter()
                     .filter(|f| f.projection == p.name && f.kind == Kind::ActiveSet)
+                    .filter(|f| !split || mine.contains(&f.id))
                     .map(|f| f.id.clone())
                     .partition(|m| should.contains(m));
                 r.set_members(set, &add, &rem).await?;

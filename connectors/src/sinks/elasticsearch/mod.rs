@@ -380,4 +380,35 @@ impl Sink for SearchSink {
     ) -> BoxFuture<'a, Result<Vec<Rejection>, SinkError>> {
         Box::pin(self.write_for(target, docs))
     }
+
+    fn max_version<'a>(
+        &'a self,
+        target: &'a Target,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
+        Box::pin(async move {
+            let Some(layout) = &target.layout else { return Ok(None) };
+            let mut max = None;
+            for chunk in ids.chunks(1000) {
+                let body = serde_json::to_vec(&json!({ "ids": chunk })).expect("JSON");
+                let (status, v) = self
+                    .call(
+                        Method::Post,
+                        &format!("/{}/_mget?_source=false", layout.alias),
+                        Some(body),
+                    )
+                    .await?;
+                if status != 200 {
+                    return Err(self.fail(format!("_mget of versions answered {status}: {v}")));
+                }
+                let found = v["docs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d["_version"].as_u64());
+                max = max.max(found.max());
+            }
+            Ok(max)
+        })
+    }
 }

@@ -380,4 +380,27 @@ impl Sink for RedisSink {
     fn holds<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<Option<usize>, SinkError>> {
         Box::pin(async move { self.exists(ids).await.map(Some) })
     }
+
+    fn max_version<'a>(
+        &'a self,
+        _target: &'a Target,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<u64>, SinkError>> {
+        Box::pin(async move {
+            let mut max = None;
+            for chunk in ids.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    pipe.cmd("HGET").arg(id).arg("_version");
+                }
+                let mut conn = self.conn.clone();
+                let got: Vec<Option<String>> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.transient("HGET _version", e))?;
+                max = max.max(got.iter().flatten().filter_map(|v| v.parse::<u64>().ok()).max());
+            }
+            Ok(max)
+        })
+    }
 }

@@ -1,6 +1,7 @@
 //! `[sources.NAME]` with `kind = "debezium"`: a Debezium connector's topics in Kafka.
 
 use super::consumer::OWN_PROPERTIES;
+use super::group::Assignment;
 use super::values::ColumnType;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -14,6 +15,10 @@ pub struct DebeziumConfig {
     /// The connector's `topic.prefix`: table `schema.table` is read from
     /// `<topic_prefix>.<schema>.<table>` unless `topics` names another topic.
     pub topic_prefix: String,
+    /// How the topics are assigned to the workers of the group ([`Assignment`]):
+    /// `whole` (default), `partitioned` or `shared`.
+    #[serde(default)]
+    pub assignment: Assignment,
     /// Consumer group; default `viewkeeper-<source name>`.
     #[serde(default)]
     pub group_id: Option<String>,

@@ -24,12 +24,15 @@
 //!   metadata and logical messages are skipped (debug log).
 
 use super::config::DebeziumConfig;
+use super::group::{Assignment, Scaling};
+use super::scale::Part;
 use super::{ColumnType, Decoded, TopicTable};
 use futures_util::future::BoxFuture;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use viewkeeper_core::model::Origin;
-use viewkeeper_core::source::{Source, SourceBatch, SourceError, SourceRun};
+use viewkeeper_core::source::{Ownership, SnapshotMark, Source, SourceBatch, SourceError, SourceRun};
 use viewkeeper_core::{Checkpoint, DurableTx, ErrorKind};
 
 /// A table this source feeds: its alias, `schema.table` name and primary key.
@@ -78,17 +81,18 @@ pub const OWN_PROPERTIES: &[&str] = &[
     "enable.auto.offset.store",
     "session.timeout.ms",
     "enable.partition.eof",
+    "partition.assignment.strategy",
 ];
 
 /// A batch closes at the latest this long after its first record was read.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
 
 /// `(topic, partition)` → the next offset to read.
-type Offsets = HashMap<(String, i32), i64>;
+pub(super) type Offsets = HashMap<(String, i32), i64>;
 
 /// The batch being built and the batches sent but not yet acknowledged; shared between
 /// the poll loop and the rebalance callback, which both run on the consumer's thread.
-struct Flow {
+pub(super) struct Flow {
     source: String,
     tx: mpsc::Sender<SourceBatch>,
     acks: watch::Receiver<Option<Checkpoint>>,
@@ -106,23 +110,53 @@ struct Flow {
     sent: BTreeMap<u64, Offsets>,
     /// Where acknowledged offsets are published (`/v1/wait`).
     durable: DurableTx,
+    /// Set while the batch being built holds rows of partitions being taken over: it is
+    /// sent as a [`SnapshotMark::Restore`] batch, and its offsets wait for the takeover.
+    pub(super) restoring: bool,
 }
 
 impl Flow {
     /// Hands the batch being built to the engine (waiting for room). `false`: the engine
     /// is gone or shutdown came first.
-    fn flush(&mut self) -> bool {
+    pub(super) fn flush(&mut self) -> bool {
         if self.batch_offsets.is_empty() {
             return true;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
         self.records = 0;
         self.opened = None;
         let mut batch = std::mem::take(&mut self.batch);
         batch.source = self.source.clone();
+        if self.restoring {
+            // Not a resume point: the partitions' offsets go with the takeover batch.
+            self.batch_offsets.clear();
+            batch.snapshot = Some(SnapshotMark::Restore);
+            return self.send(batch);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
         batch.checkpoint = Some(Checkpoint::Batch(seq));
         self.sent.insert(seq, std::mem::take(&mut self.batch_offsets));
+        self.send(batch)
+    }
+
+    /// Hands over what is read, then a batch carrying `ownership`, whose acknowledgement
+    /// stores `offsets`. `false`: the engine is gone or shutdown came first.
+    pub(super) fn send_ownership(&mut self, ownership: Ownership, offsets: Offsets) -> bool {
+        if !self.flush() {
+            return false;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.sent.insert(seq, offsets);
+        self.send(SourceBatch {
+            source: self.source.clone(),
+            checkpoint: Some(Checkpoint::Batch(seq)),
+            ownership: Some(ownership),
+            ..Default::default()
+        })
+    }
+
+    fn send(&self, batch: SourceBatch) -> bool {
         let (tx, shutdown) = (self.tx.clone(), self.shutdown.clone());
         self.runtime.block_on(async move {
             tokio::select! {
@@ -133,7 +167,7 @@ impl Flow {
     }
 
     /// Offsets of every acknowledged batch (latest per partition), forgotten here.
-    fn take_acked(&mut self) -> Offsets {
+    pub(super) fn take_acked(&mut self) -> Offsets {
         let acked = self.acks.borrow_and_update().map_or(0, |c| c.value());
         let mut out = Offsets::new();
         while let Some(entry) = self.sent.first_entry() {
@@ -150,7 +184,7 @@ impl Flow {
     }
 
     /// Waits until the engine acknowledged every batch sent, at most `timeout`.
-    fn wait_acked(&mut self, timeout: Duration) -> bool {
+    pub(super) fn wait_acked(&mut self, timeout: Duration) -> bool {
         let Some(last) = self.sent.keys().next_back().copied() else {
             return true;
         };
@@ -164,15 +198,19 @@ impl Flow {
     }
 }
 
-struct Ctx {
-    source: String,
-    flow: Mutex<Option<Flow>>,
+pub(super) struct Ctx {
+    pub(super) source: String,
+    pub(super) mode: Assignment,
+    pub(super) scale: Scaling,
+    /// A partitioned source's view of its partitions ([`Part`]).
+    pub(super) part: Mutex<Part>,
+    pub(super) flow: Mutex<Option<Flow>>,
     revoke_timeout: Duration,
-    streaming: Arc<AtomicBool>,
+    pub(super) streaming: Arc<AtomicBool>,
     /// The topics subscribed to: a worker must hold every partition of them.
-    topics: Vec<String>,
+    pub(super) topics: Vec<String>,
     /// Set while the assignment misses partitions of them: why nothing is read.
-    held: Mutex<Option<String>>,
+    pub(super) held: Mutex<Option<String>>,
     durable: DurableTx,
 }
 
@@ -218,6 +256,41 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
+    /// As rust-rdkafka's, with a partitioned source's own handling (the assignment's
+    /// start offsets are set before it takes effect). The protocol is always eager: the
+    /// assignment strategy is viewkeeper's (`range`).
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            _ => Rebalance::Error(KafkaError::Rebalance(err.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let assign = matches!(rebalance, Rebalance::Assign(_));
+        let is_error = matches!(rebalance, Rebalance::Error(_));
+        drop(rebalance);
+        if assign {
+            if self.mode == Assignment::Partitioned {
+                self.assign_partitioned(consumer, tpl);
+                return;
+            }
+            if let Err(e) = consumer.assign(tpl) {
+                warn!(source = %self.source, error = %e, "cannot take the assignment");
+            }
+            self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+        } else {
+            // A revoke, or a failed rebalance (as rust-rdkafka does: nothing assigned).
+            if let Err(e) = consumer.unassign() {
+                warn!(source = %self.source, error = %e, "cannot give up the assignment");
+            }
+            if is_error {
+                self.post_rebalance(consumer, &Rebalance::Error(KafkaError::Rebalance(err.into())));
+            } else {
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -231,10 +304,14 @@ impl ConsumerContext for Ctx {
                     warn!(source = %self.source, timeout_ms = self.revoke_timeout.as_millis() as u64,
                         "revoke: the engine did not acknowledge everything read in time; the next owner replays it");
                 }
-                store_offsets(&self.source, consumer, flow.take_acked());
-                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                    if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
-                        warn!(source = %self.source, error = %e, "revoke: commit failed; the next owner replays from the last commit");
+                if self.mode == Assignment::Partitioned {
+                    self.revoke_partitioned(consumer, flow);
+                } else {
+                    store_offsets(&self.source, consumer, flow.take_acked());
+                    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                        if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                            warn!(source = %self.source, error = %e, "revoke: commit failed; the next owner replays from the last commit");
+                        }
                     }
                 }
                 let gone: Vec<(String, i32)> = tpl
@@ -309,7 +386,7 @@ impl ConsumerContext for Ctx {
     }
 }
 
-fn store_offsets(source: &str, consumer: &BaseConsumer<Ctx>, offsets: Offsets) {
+pub(super) fn store_offsets(source: &str, consumer: &BaseConsumer<Ctx>, offsets: Offsets) {
     if offsets.is_empty() {
         return;
     }
@@ -332,6 +409,8 @@ pub struct DebeziumSource {
     topics: HashMap<String, TopicTable>,
     /// Set while the consumer holds partitions (read by the worker's `/readyz`).
     streaming: Arc<AtomicBool>,
+    /// What the worker's state store says (partitioned and shared sources).
+    scale: Scaling,
 }
 
 impl DebeziumSource {
@@ -341,13 +420,18 @@ impl DebeziumSource {
         cfg: DebeziumConfig,
         tables: &[FedTable],
         streaming: Arc<AtomicBool>,
+        scale: Scaling,
     ) -> Result<Self, SourceError> {
         let topics = topic_tables(name, &cfg, tables)?;
+        if cfg.assignment == Assignment::Shared {
+            scale.gate.register_shared(name);
+        }
         Ok(DebeziumSource {
             name: name.to_string(),
             cfg,
             topics,
             streaming,
+            scale,
         })
     }
 
@@ -371,9 +455,14 @@ impl DebeziumSource {
         for (k, v) in self.cfg.properties.exposed() {
             cfg.set(k, v);
         }
+        let mode = self.cfg.assignment;
         cfg.set("bootstrap.servers", &self.cfg.brokers)
             .set("group.id", self.cfg.group(&self.name))
-            .set("enable.auto.commit", "true")
+            .set("partition.assignment.strategy", "range")
+            .set(
+                "enable.auto.commit",
+                if mode == Assignment::Shared { "false" } else { "true" },
+            )
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
@@ -382,8 +471,22 @@ impl DebeziumSource {
             // A new group reads each topic from its start (Debezium's snapshot first).
             cfg.set("auto.offset.reset", "earliest");
         }
+        if !self.scale.worker_id.is_empty() && !self.cfg.properties.keys().any(|k| k == "client.id") {
+            cfg.set("client.id", &self.scale.worker_id);
+        }
+        let mut part = Part::default();
+        for (stream, next) in &self.scale.offsets {
+            if let Some((t, p)) = super::scale::parse_stream(stream) {
+                if self.topics.contains_key(&t) {
+                    part.delivered.insert((t, p), *next as i64);
+                }
+            }
+        }
         let ctx = Ctx {
             source: self.name.clone(),
+            mode,
+            scale: self.scale.clone(),
+            part: Mutex::new(part),
             flow: Mutex::new(Some(flow)),
             revoke_timeout: Duration::from_millis(self.cfg.revoke_timeout_ms),
             streaming: self.streaming.clone(),
@@ -417,19 +520,46 @@ impl DebeziumSource {
             batch_offsets: Offsets::new(),
             sent: BTreeMap::new(),
             durable,
+            restoring: false,
         };
         let consumer = self.consumer(flow)?;
         let mut topics: Vec<&str> = self.topics.keys().map(String::as_str).collect();
         topics.sort();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| self.fatal(format!("cannot subscribe to {topics:?}: {e}")))?;
+        match self.cfg.assignment {
+            Assignment::Shared => consumer.context().assign_shared(&consumer).map_err(|e| self.fatal(e))?,
+            mode => {
+                if mode == Assignment::Partitioned {
+                    consumer
+                        .context()
+                        .check_copartitioned(&consumer)
+                        .map_err(|e| self.fatal(e))?;
+                }
+                consumer
+                    .subscribe(&topics)
+                    .map_err(|e| self.fatal(format!("cannot subscribe to {topics:?}: {e}")))?;
+            }
+        }
         info!(source = %self.name, brokers = %self.cfg.brokers, group = %self.cfg.group(&self.name), ?topics, "consuming");
         let mut last_error_log: Option<Instant> = None;
         let lock = || consumer.context().flow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last_lag = Instant::now();
         while !shutdown.is_cancelled() {
             let acked = lock().as_mut().map(Flow::take_acked).unwrap_or_default();
-            store_offsets(&self.name, &consumer, acked);
+            if self.cfg.assignment != Assignment::Shared {
+                store_offsets(&self.name, &consumer, acked);
+            }
+            if self.cfg.assignment == Assignment::Partitioned {
+                let ok = lock()
+                    .as_mut()
+                    .is_none_or(|flow| consumer.context().finish_takeover(&consumer, flow));
+                if !ok {
+                    break;
+                }
+            }
+            if last_lag.elapsed() >= Duration::from_secs(5) {
+                consumer.context().report_lag(&consumer);
+                last_lag = Instant::now();
+            }
             // Not under the lock: a rebalance callback runs inside poll.
             let polled = consumer.poll(Duration::from_millis(100));
             if let Some(why) = consumer
@@ -467,6 +597,22 @@ impl DebeziumSource {
                         last_error_log = Some(Instant::now());
                     }
                     true
+                }
+                Some(Ok(m))
+                    if !consumer
+                        .context()
+                        .admit(&consumer, m.topic(), m.partition(), m.offset()) =>
+                {
+                    // Paused or waiting for its takeover: read again when it resumes.
+                    if let Err(e) = consumer.seek(
+                        m.topic(),
+                        m.partition(),
+                        Offset::Offset(m.offset()),
+                        Duration::from_secs(5),
+                    ) {
+                        warn!(source = %self.name, topic = m.topic(), partition = m.partition(), error = %e, "cannot seek back");
+                    }
+                    false
                 }
                 Some(Ok(m)) => {
                     self.add(flow, &m);

@@ -27,6 +27,8 @@ pub mod config;
 pub mod consumer;
 mod decimal;
 pub mod envelope;
+pub mod group;
+mod scale;
 mod time;
 pub mod values;
 
@@ -36,4 +38,5 @@ mod tests;
 pub use config::DebeziumConfig;
 pub use consumer::{topic_tables, DebeziumSource, FedTable};
 pub use envelope::{decode, decode_key, topic_kind, DecodeError, Decoded, ErrorKind, Skip, TopicKind, TopicTable};
+pub use group::{Assignment, Gate, OwnerMark, OwnerState, Scaling};
 pub use values::ColumnType;
