@@ -137,7 +137,6 @@ pub async fn run(
     let scale = Scaling {
         worker_id: store.worker_id()?,
         offsets: store.stream_offsets()?,
-        clock: store.clock(),
         gate: Default::default(),
     };
     let mut engine = Engine::new(store, projections, sinks.clone(), &cfg.engine);

@@ -3,9 +3,13 @@
 
 use super::{compile, open_read_only, search_client, Client};
 use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::store::streams::OwnershipRecord;
 use anyhow::Context;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use viewkeeper_connectors::sources::debezium::describe::{self, GroupState};
+use viewkeeper_connectors::sources::debezium::{Assignment, DebeziumConfig};
 use viewkeeper_connectors::sources::postgres::PgConnector;
 use viewkeeper_projections::render::Projection;
 
@@ -66,7 +70,9 @@ pub async fn slot_drop(cfg: &Config, source: &str, yes: bool) -> anyhow::Result<
     }
 }
 
-/// `viewkeeper status`: per source checkpoint and slot, per table stored rows, dead letters.
+/// `viewkeeper status`: per source checkpoint and slot (Postgres) or partitions (Debezium:
+/// end, committed and applied offsets, lag, the group's members and this worker's own
+/// partitions), per table stored rows, dead letters.
 pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Result<()> {
     let store = open_read_only(cfg, data_dir)?;
     let mut sources = serde_json::Map::new();
@@ -79,12 +85,27 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
                 "slot": pg.slot,
                 "slot_state": slot_info(pg.url.expose(), &pg.slot).await,
             }),
-            // Offsets live in the consumer group (kafka-consumer-groups --describe).
-            SourceConfig::Debezium(d) => json!({
-                "checkpoint_batch": checkpoint.map(|c| c.value()),
-                "brokers": d.brokers,
-                "group_id": d.group(name),
-            }),
+            SourceConfig::Debezium(d) => {
+                let mut v = json!({
+                    "checkpoint_batch": checkpoint.map(|c| c.value()),
+                    "brokers": d.brokers,
+                    "assignment": d.assignment.as_str(),
+                });
+                if d.assignment != Assignment::Shared {
+                    v["group_id"] = json!(d.group(name));
+                }
+                let state = describe::read_group(d, name, &source_topics(cfg, name, d)).await;
+                let mine = Mine {
+                    worker: store.stored_worker_id()?,
+                    ownership: store.ownership()?.filter(|o| &o.source == name),
+                    applied: store.stream_offsets()?,
+                };
+                match state {
+                    Ok(state) => kafka_report(&mut v, &state, d.assignment, &mine),
+                    Err(e) => v["brokers_error"] = json!(e.to_string()),
+                }
+                v
+            }
         };
         report["checkpoint_updated_at"] = json!(updated);
         sources.insert(name.clone(), report);
@@ -126,6 +147,129 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// The source's topics (of the tables it feeds), sorted, each once.
+fn source_topics(cfg: &Config, name: &str, d: &DebeziumConfig) -> Vec<String> {
+    let topics: BTreeSet<String> = super::run::fed_tables(cfg, name)
+        .iter()
+        .map(|t| d.topic_of(&t.alias, &t.name))
+        .collect();
+    topics.into_iter().collect()
+}
+
+/// What the data dir's state store says of its worker.
+struct Mine {
+    worker: Option<String>,
+    /// Of this source, when it is the partitioned one.
+    ownership: Option<OwnershipRecord>,
+    /// `topic[partition]` → the next offset it applied.
+    applied: BTreeMap<String, u64>,
+}
+
+/// Fills a Debezium source's report: `partitions` (per topic partition the end offset,
+/// the group's committed offset, what this data dir applied, the lag and the owner),
+/// and for a partitioned source `members` (the group as the brokers describe it),
+/// `workers` (worker → its partitions, as far as known) and `worker` (this data dir's).
+/// Lag is `end - committed` in a group, `end - applied` for a shared source (which
+/// commits nothing), counted from the low watermark when there is neither.
+fn kafka_report(v: &mut Value, state: &GroupState, assignment: Assignment, mine: &Mine) {
+    let members = state.members.as_ref().ok();
+    // Partition → worker, from the brokers' assignments (real Kafka) and this worker's
+    // own record (the brokers' may be missing, e.g. from Tansu).
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    // Worker → its partitions (`None`: the brokers did not say).
+    let mut workers: BTreeMap<String, Option<BTreeSet<String>>> = BTreeMap::new();
+    for m in members.map_or(&[][..], |g| &g.members[..]) {
+        let w = m.worker.clone().unwrap_or_else(|| m.member_id.clone());
+        let entry = workers.entry(w.clone()).or_default();
+        if let Some(Ok(a)) = &m.assignment {
+            for stream in a.streams() {
+                owner.insert(stream.clone(), w.clone());
+                entry.get_or_insert_with(BTreeSet::new).insert(stream);
+            }
+        }
+    }
+    let streams = |p: u32| -> Vec<String> {
+        state
+            .topics
+            .iter()
+            .filter(|t| t.partitions.iter().any(|x| x.partition as u32 == p))
+            .map(|t| format!("{}[{p}]", t.topic))
+            .collect()
+    };
+    if let (Some(o), Some(w)) = (&mine.ownership, &mine.worker) {
+        let own: BTreeSet<String> = o.owned.iter().flat_map(|p| streams(*p)).collect();
+        for s in &own {
+            owner.insert(s.clone(), w.clone());
+        }
+        workers.insert(w.clone(), Some(own));
+        v["worker"] = json!({
+            "id": w,
+            "owned_partitions": o.owned,
+            "partitions": o.partitions,
+            "since": ms_text(o.since_ms),
+        });
+    }
+    let mut partitions = vec![];
+    let mut errors = serde_json::Map::new();
+    for t in &state.topics {
+        if let Some(e) = &t.error {
+            errors.insert(t.topic.clone(), json!(e));
+        }
+        for p in &t.partitions {
+            let stream = format!("{}[{}]", t.topic, p.partition);
+            let applied = mine.applied.get(&stream).map(|n| *n as i64);
+            let from = match assignment {
+                Assignment::Shared => applied,
+                _ => p.committed,
+            };
+            let mut row = json!({
+                "topic": t.topic,
+                "partition": p.partition,
+                "end": p.end,
+                "committed": p.committed,
+                "applied": applied,
+                "lag": (p.end - from.unwrap_or(p.low)).max(0),
+            });
+            if assignment == Assignment::Partitioned {
+                row["owner"] = json!(owner.get(&stream));
+            }
+            partitions.push(row);
+        }
+    }
+    v["partitions"] = Value::Array(partitions);
+    if !errors.is_empty() {
+        v["topic_errors"] = Value::Object(errors);
+    }
+    if assignment == Assignment::Shared {
+        return;
+    }
+    v["members"] = match &state.members {
+        Ok(g) => json!({
+            "state": g.state,
+            "members": g.members.iter().map(|m| json!({
+                "worker": m.worker,
+                "member_id": m.member_id,
+                "partitions": match &m.assignment {
+                    Some(Ok(a)) => json!(a.streams()),
+                    Some(Err(e)) => json!({"error": e}),
+                    None => Value::Null,
+                },
+            })).collect::<Vec<_>>(),
+        }),
+        Err(e) => json!({"error": e}),
+    };
+    if assignment == Assignment::Partitioned {
+        let unknown = workers.values().filter(|p| p.is_none()).count();
+        if unknown > 0 {
+            v["members_note"] = json!(format!(
+                "the brokers returned no assignment for {unknown} member(s) (Tansu does not): \
+                 their partitions are unknown here; `viewkeeper status` on each worker's data dir shows its own"
+            ));
+        }
+        v["workers"] = json!(workers);
+    }
 }
 
 fn ms_text(ms: i64) -> String {
@@ -206,5 +350,138 @@ async fn slot_info(url: &str, slot: &str) -> Value {
         }),
         Ok(None) => json!({ "error": "slot does not exist" }),
         Err(e) => json!({ "error": e.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use describe::{GroupMember, GroupMembers, MemberAssignment, PartitionState, TopicState};
+
+    fn topic(name: &str, parts: &[(i32, Option<i64>, i64)]) -> TopicState {
+        TopicState {
+            topic: name.into(),
+            error: None,
+            partitions: parts
+                .iter()
+                .map(|&(partition, committed, end)| PartitionState {
+                    partition,
+                    committed,
+                    low: 0,
+                    end,
+                    lag: end - committed.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+
+    fn member(worker: &str, assigned: Option<&[(&str, &[i32])]>) -> GroupMember {
+        GroupMember {
+            member_id: format!("{worker}-e8bfbb6a-18b9-4fe6-84b8-1807e3d7c6af"),
+            client_id: String::new(),
+            host: String::new(),
+            worker: Some(worker.into()),
+            assignment: assigned.map(|ts| {
+                Ok(MemberAssignment {
+                    version: 1,
+                    topics: ts.iter().map(|(t, ps)| (t.to_string(), ps.to_vec())).collect(),
+                    user_data: None,
+                })
+            }),
+        }
+    }
+
+    fn state(members: Vec<GroupMember>) -> GroupState {
+        GroupState {
+            topics: vec![
+                topic("o", &[(0, Some(5), 7), (1, None, 3)]),
+                topic("i", &[(0, Some(2), 2), (1, Some(1), 4)]),
+            ],
+            members: Ok(GroupMembers {
+                listed: true,
+                state: "Stable".into(),
+                protocol: String::new(),
+                members,
+            }),
+        }
+    }
+
+    fn mine(owned: &[u32], applied: &[(&str, u64)]) -> Mine {
+        Mine {
+            worker: Some("w1".into()),
+            ownership: Some(OwnershipRecord {
+                source: "orders".into(),
+                partitions: 2,
+                owned: owned.to_vec(),
+                governed: vec![],
+                since_ms: 0,
+            }),
+            applied: applied.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
+        }
+    }
+
+    fn column(v: &Value, field: &str) -> Vec<Value> {
+        v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[field].clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_partitioned_source_reports_owners_from_the_brokers_and_from_its_own_store() {
+        // The brokers name w2's partitions (real Kafka); w1's (this data dir) come from
+        // its store though the brokers returned no assignment for it (Tansu), w3's are
+        // not known.
+        let s = state(vec![
+            member("w1", None),
+            member("w2", Some(&[("o", &[1]), ("i", &[1])])),
+            member("w3", None),
+        ]);
+        let mut v = json!({});
+        kafka_report(&mut v, &s, Assignment::Partitioned, &mine(&[0], &[("o[0]", 6)]));
+        assert_eq!(
+            column(&v, "owner"),
+            [json!("w1"), json!("w2"), json!("w1"), json!("w2")]
+        );
+        // Lag from the group's committed offset, from the low watermark when none.
+        assert_eq!(column(&v, "lag"), [json!(2), json!(3), json!(0), json!(3)]);
+        assert_eq!(column(&v, "applied"), [json!(6), Value::Null, Value::Null, Value::Null]);
+        assert_eq!(
+            v["workers"],
+            json!({"w1": ["i[0]", "o[0]"], "w2": ["i[1]", "o[1]"], "w3": null})
+        );
+        assert_eq!(v["worker"]["owned_partitions"], json!([0]));
+        assert_eq!(v["members"]["members"][0]["partitions"], Value::Null);
+        assert!(v["members_note"].as_str().unwrap().contains("1 member"), "{v}");
+
+        // Every assignment known (real Kafka): no note.
+        let s = state(vec![
+            member("w1", Some(&[("o", &[1]), ("i", &[1])])),
+            member("w2", Some(&[("o", &[0]), ("i", &[0])])),
+        ]);
+        let mut v = json!({});
+        kafka_report(&mut v, &s, Assignment::Partitioned, &mine(&[1], &[]));
+        assert_eq!(
+            column(&v, "owner"),
+            [json!("w2"), json!("w1"), json!("w2"), json!("w1")]
+        );
+        assert!(v.get("members_note").is_none(), "{v}");
+    }
+
+    #[test]
+    fn a_shared_source_lags_from_what_this_worker_applied() {
+        let s = state(vec![]);
+        let mut v = json!({});
+        let m = Mine {
+            ownership: None,
+            ..mine(&[], &[("o[0]", 7), ("o[1]", 1), ("i[1]", 4)])
+        };
+        kafka_report(&mut v, &s, Assignment::Shared, &m);
+        assert_eq!(column(&v, "lag"), [json!(0), json!(2), json!(2), json!(0)]);
+        for absent in ["owner", "members", "workers", "worker"] {
+            assert!(column(&v, absent).iter().all(Value::is_null) && v.get(absent).is_none());
+        }
     }
 }

@@ -3,8 +3,7 @@
 //! versions, so it never goes back (across restarts, processes, and a rebuilt store).
 
 use super::{now_ms, Store, StoreError, StoreTx};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// `VIEWKEEPER_TEST_CLOCK_SKEW_MS`: a worker whose clock runs that far ahead (or behind),
 /// for the tests of workers taking documents over from each other. 0 unless set.
@@ -42,11 +41,6 @@ impl StoreTx<'_> {
 }
 
 impl Store {
-    /// The highest version reserved so far, kept current by every transaction.
-    pub fn clock(&self) -> Arc<AtomicU64> {
-        self.clock.clone()
-    }
-
     pub(super) fn load_clock(&mut self) -> Result<(), StoreError> {
         let last: u64 = self.meta("clock")?.and_then(|s| s.parse().ok()).unwrap_or(0);
         self.clock.fetch_max(last, Ordering::Relaxed);

@@ -96,8 +96,14 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// This store's worker id (`<host>-<8 hex>`), made at the first call and kept: it
-    /// names the worker in the offsets it commits, and goes with the state it describes.
+    /// This store's worker id, if a worker made one ([`Store::worker_id`]).
+    pub fn stored_worker_id(&self) -> Result<Option<String>, StoreError> {
+        meta_get(&self.conn, "worker_id")
+    }
+
+    /// This store's worker id (`<host>-<8 hex>`), made at the first call and kept: the
+    /// consumer's `client.id`, so the group's members name their workers; it goes with
+    /// the state it describes.
     pub fn worker_id(&mut self) -> Result<String, StoreError> {
         if let Some(id) = meta_get(&self.conn, "worker_id")? {
             return Ok(id);

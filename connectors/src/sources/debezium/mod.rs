@@ -4,6 +4,9 @@
 //! * [`config`]: the `[sources.NAME]` settings.
 //! * [`consumer`]: the Kafka consumer group ([`DebeziumSource`]), batching, offsets stored
 //!   only once the engine acknowledged, rebalances.
+//! * [`group`]: several workers (assignment whole, partitioned or shared); `scale` the
+//!   partitioned and shared assignments; [`describe`]: the group as the brokers see it
+//!   (`viewkeeper status`).
 //!
 //! The decoding is pure (no Kafka client): the consumer hands each record's topic, key
 //! and value bytes to [`decode`].
@@ -26,6 +29,7 @@
 pub mod config;
 pub mod consumer;
 mod decimal;
+pub mod describe;
 pub mod envelope;
 pub mod group;
 mod scale;
@@ -38,5 +42,5 @@ mod tests;
 pub use config::DebeziumConfig;
 pub use consumer::{topic_tables, DebeziumSource, FedTable};
 pub use envelope::{decode, decode_key, topic_kind, DecodeError, Decoded, ErrorKind, Skip, TopicKind, TopicTable};
-pub use group::{Assignment, Gate, OwnerMark, OwnerState, Scaling};
+pub use group::{Assignment, Gate, Scaling};
 pub use values::ColumnType;
