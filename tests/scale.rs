@@ -54,6 +54,45 @@ fn verify(cfg: &Path, data_dir: &Path) -> std::process::Output {
         .expect("run viewkeeper verify")
 }
 
+/// `viewkeeper status --json` on a worker's data dir (beside the running worker).
+fn status(cfg: &Path, data_dir: &Path) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(["status", "--json", "--config"])
+        .arg(cfg)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run viewkeeper status");
+    assert!(
+        out.status.success(),
+        "viewkeeper status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+/// What `viewkeeper status` says of the partitioned source on a worker's data dir: its
+/// worker id and owned partitions, when every partition is reported with this worker as
+/// owner exactly where it owns it and, there, nothing left to read (committed = end).
+fn status_split(cfg: &Path, data_dir: &Path) -> Result<(String, BTreeSet<u32>), Value> {
+    let s = status(cfg, data_dir);
+    let src = s["sources"]["ordering"].clone();
+    let check = || -> Option<(String, BTreeSet<u32>)> {
+        let id = src["worker"]["id"].as_str()?.to_string();
+        let owned: BTreeSet<u32> = serde_json::from_value(src["worker"]["owned_partitions"].clone()).ok()?;
+        let parts = src["partitions"].as_array()?;
+        // Both topics of the source, every partition.
+        (parts.len() == 2 * PARTITIONS as usize).then_some(())?;
+        for p in parts {
+            let mine = owned.contains(&(p["partition"].as_u64()? as u32));
+            (mine == (p["owner"].as_str() == Some(id.as_str()))).then_some(())?;
+            (!mine || p["lag"] == 0).then_some(())?;
+        }
+        Some((id, owned))
+    };
+    check().ok_or(src)
+}
+
 /// Orders whose document has an unresolved customer or product.
 async fn unresolved(shop: &Shop) -> Vec<String> {
     let docs = actual(shop).await.unwrap();
@@ -299,6 +338,37 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
             "the live workers do not split the {PARTITIONS} partitions (last `owning partitions` of each): {owned:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // `viewkeeper status` on each live worker's data dir shows the same split, each
+    // worker under its own id, and the shared sources read to the end of their topics.
+    let start = std::time::Instant::now();
+    loop {
+        let mut wrong = vec![];
+        let mut ids = BTreeSet::new();
+        for (n, w) in &live {
+            match status_split(&cfg, &dir(n)) {
+                Ok((id, owned)) if Some(&owned) == owned_partitions(w).as_ref() => {
+                    ids.insert(id);
+                }
+                other => wrong.push(format!("{n}: {other:?}")),
+            }
+            let s = status(&cfg, &dir(n));
+            for svc in ["identity", "catalog"] {
+                let parts = s["sources"][svc]["partitions"].as_array().cloned().unwrap_or_default();
+                if parts.is_empty() || parts.len() % PARTITIONS as usize != 0 || parts.iter().any(|p| p["lag"] != 0) {
+                    wrong.push(format!("{n} {svc}: {parts:?}"));
+                }
+            }
+        }
+        if wrong.is_empty() && ids.len() == live.len() {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "`viewkeeper status` does not show the split (worker ids {ids:?}): {wrong:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     // Every worker reports its partitions' lag, labelled by topic and partition.
