@@ -2,8 +2,8 @@
 # Throughput of 1, 2 and 3 workers over a partitioned Debezium source (BENCHMARKS.md,
 # "Several workers"): the ignored test `bench_workers` of tests/scale.rs driving the
 # release build of the worker (VK_WORKER_BIN), against the loopback servers.
-# VK_SCALE_ORDERS (default 20000) and VK_SCALE_ROUNDS (default 1) size it. Prints one
-# JSON line per run.
+# VK_SCALE_ORDERS (default 20000), VK_SCALE_ROUNDS (default 1) and VK_SCALE_WORKERS
+# (default 1,2,3) size it. Prints one JSON line per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh up postgres redis kafka opensearch >&2

@@ -500,9 +500,21 @@ async fn bench_workers() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    // `VK_SCALE_WORKERS=1,3`: only those counts.
+    let counts: Vec<usize> = std::env::var("VK_SCALE_WORKERS")
+        .map(|v| {
+            v.split(',')
+                .map(|c| c.trim().parse().expect("VK_SCALE_WORKERS: counts like 1,2,3"))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![1, 2, 3]);
     let long = Duration::from_secs(1800);
+    // Each poll is a refresh and a count over every document: asked every 50 ms it
+    // competes with the workers' writes for the search server; once a second it costs
+    // little and the figures are within a second.
+    let poll = Duration::from_secs(1);
     for round in 0..rounds {
-        for workers in [1usize, 2, 3] {
+        for &workers in &counts {
             let shop = Shop::new(&format!("bench{workers}r{round}")).await;
             let mut dbz = Debezium::with_partitions(&shop, PARTITIONS).await;
             shop.exec("identity", "INSERT INTO customers SELECT g, 'Customer ' || g, 'c' || g || '@example.com', now() FROM generate_series(1, 200) g").await;
@@ -517,7 +529,7 @@ async fn bench_workers() {
             let mut ws: Vec<Worker> = (0..workers)
                 .map(|i| Worker::start(&cfg, &shop.data_dir.path().join(format!("w{i}"))))
                 .collect();
-            wait_until("every order indexed", long, || async {
+            wait_until_every("every order indexed", long, poll, || async {
                 (count_status(&shop, "new").await == n).then_some(())
             })
             .await;
@@ -536,7 +548,7 @@ async fn bench_workers() {
             .await;
             dbz.end_bulk().await;
             let produced = live_start.elapsed().as_secs_f64();
-            wait_until("every order paid", long, || async {
+            wait_until_every("every order paid", long, poll, || async {
                 (count_status(&shop, "paid").await == n).then_some(())
             })
             .await;

@@ -123,7 +123,17 @@ pub fn with_source_setting(cfg: &Path, setting: &str) {
 }
 
 /// Waits until `f` returns `Some`, polling every 50 ms; panics with `what` after `timeout`.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_until_every(what, timeout, Duration::from_millis(50), f).await
+}
+
+/// [`wait_until`], asking every `every` (a benchmark's poll must not load the server it
+/// measures).
+pub async fn wait_until_every<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -137,7 +147,7 @@ where
             start.elapsed() < timeout,
             "timed out after {timeout:?} waiting for: {what}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
