@@ -30,7 +30,7 @@ use tracing::debug;
 /// How long each broker request may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What [`read`] found: the partitions of the source's topics and the group's members.
+/// What [`read_group`] found: the partitions of the source's topics and the group's members.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupState {
     pub topics: Vec<TopicState>,
