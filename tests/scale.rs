@@ -43,26 +43,9 @@ fn scaled_config(shop: &Shop) -> std::path::PathBuf {
     cfg
 }
 
-/// `viewkeeper verify` on a worker's data dir (beside the running worker).
-fn verify(cfg: &Path, data_dir: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["verify", "--config"])
-        .arg(cfg)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .expect("run viewkeeper verify")
-}
-
 /// `viewkeeper status --json` on a worker's data dir (beside the running worker).
 fn status(cfg: &Path, data_dir: &Path) -> Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["status", "--json", "--config"])
-        .arg(cfg)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .expect("run viewkeeper status");
+    let out = viewkeeper_in(cfg, data_dir, &["status", "--json"]);
     assert!(
         out.status.success(),
         "viewkeeper status failed: {}",
@@ -71,11 +54,10 @@ fn status(cfg: &Path, data_dir: &Path) -> Value {
     serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
 }
 
-/// What `viewkeeper status` says of the partitioned source on a worker's data dir: its
-/// worker id and owned partitions, when every partition is reported with this worker as
-/// owner exactly where it owns it and, there, nothing left to read (committed = end).
-fn status_split(cfg: &Path, data_dir: &Path) -> Result<(String, BTreeSet<u32>), Value> {
-    let s = status(cfg, data_dir);
+/// What a worker's `viewkeeper status` says of the partitioned source: its worker id
+/// and owned partitions, when every partition is reported with this worker as owner
+/// exactly where it owns it and, there, nothing left to read (committed = end).
+fn status_split(s: &Value) -> Result<(String, BTreeSet<u32>), Value> {
     let src = s["sources"]["ordering"].clone();
     let check = || -> Option<(String, BTreeSet<u32>)> {
         let id = src["worker"]["id"].as_str()?.to_string();
@@ -347,13 +329,13 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
         let mut wrong = vec![];
         let mut ids = BTreeSet::new();
         for (n, w) in &live {
-            match status_split(&cfg, &dir(n)) {
+            let s = status(&cfg, &dir(n));
+            match status_split(&s) {
                 Ok((id, owned)) if Some(&owned) == owned_partitions(w).as_ref() => {
                     ids.insert(id);
                 }
                 other => wrong.push(format!("{n}: {other:?}")),
             }
-            let s = status(&cfg, &dir(n));
             for svc in ["identity", "catalog"] {
                 let parts = s["sources"][svc]["partitions"].as_array().cloned().unwrap_or_default();
                 if parts.is_empty() || parts.len() % PARTITIONS as usize != 0 || parts.iter().any(|p| p["lag"] != 0) {
@@ -392,13 +374,11 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
     .await;
 
     // A rebuild beside one worker would see only its partitions: refused, with the reason.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-        .args(["backfill", "--projection", "orders_view", "--rebuild", "--config"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(dir("a"))
-        .output()
-        .unwrap();
+    let out = viewkeeper_in(
+        &cfg,
+        &dir("a"),
+        &["backfill", "--projection", "orders_view", "--rebuild"],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("split across the workers"),
@@ -407,7 +387,7 @@ async fn three_workers_split_the_orders_and_converge_through_a_kill_and_a_join()
 
     // `viewkeeper verify` is clean on every live worker's data dir.
     for (name, _) in &live {
-        let out = verify(&cfg, &dir(name));
+        let out = viewkeeper_in(&cfg, &dir(name), &["verify"]);
         assert!(
             out.status.success(),
             "verify on {name}'s data dir failed:\n{}\n{}",

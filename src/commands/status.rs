@@ -75,6 +75,7 @@ pub async fn slot_drop(cfg: &Config, source: &str, yes: bool) -> anyhow::Result<
 /// partitions), per table stored rows, dead letters.
 pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Result<()> {
     let store = open_read_only(cfg, data_dir)?;
+    let (worker, ownership, applied) = (store.stored_worker_id()?, store.ownership()?, store.stream_offsets()?);
     let mut sources = serde_json::Map::new();
     for (name, sc) in &cfg.sources {
         let checkpoint = store.checkpoint(name)?;
@@ -96,9 +97,9 @@ pub async fn status(cfg: &Config, data_dir: &Path, as_json: bool) -> anyhow::Res
                 }
                 let state = describe::read_group(d, name, &source_topics(cfg, name, d)).await;
                 let mine = Mine {
-                    worker: store.stored_worker_id()?,
-                    ownership: store.ownership()?.filter(|o| &o.source == name),
-                    applied: store.stream_offsets()?,
+                    worker: worker.as_deref(),
+                    ownership: ownership.as_ref().filter(|o| &o.source == name),
+                    applied: &applied,
                 };
                 match state {
                     Ok(state) => kafka_report(&mut v, &state, d.assignment, &mine),
@@ -159,12 +160,12 @@ fn source_topics(cfg: &Config, name: &str, d: &DebeziumConfig) -> Vec<String> {
 }
 
 /// What the data dir's state store says of its worker.
-struct Mine {
-    worker: Option<String>,
+struct Mine<'a> {
+    worker: Option<&'a str>,
     /// Of this source, when it is the partitioned one.
-    ownership: Option<OwnershipRecord>,
+    ownership: Option<&'a OwnershipRecord>,
     /// `topic[partition]` → the next offset it applied.
-    applied: BTreeMap<String, u64>,
+    applied: &'a BTreeMap<String, u64>,
 }
 
 /// Fills a Debezium source's report: `partitions` (per topic partition the end offset,
@@ -173,7 +174,7 @@ struct Mine {
 /// `workers` (worker → its partitions, as far as known) and `worker` (this data dir's).
 /// Lag is `end - committed` in a group, `end - applied` for a shared source (which
 /// commits nothing), counted from the low watermark when there is neither.
-fn kafka_report(v: &mut Value, state: &GroupState, assignment: Assignment, mine: &Mine) {
+fn kafka_report(v: &mut Value, state: &GroupState, assignment: Assignment, mine: &Mine<'_>) {
     let members = state.members.as_ref().ok();
     // Partition → worker, from the brokers' assignments (real Kafka) and this worker's
     // own record (the brokers' may be missing, e.g. from Tansu).
@@ -198,12 +199,12 @@ fn kafka_report(v: &mut Value, state: &GroupState, assignment: Assignment, mine:
             .map(|t| format!("{}[{p}]", t.topic))
             .collect()
     };
-    if let (Some(o), Some(w)) = (&mine.ownership, &mine.worker) {
+    if let (Some(o), Some(w)) = (mine.ownership, mine.worker) {
         let own: BTreeSet<String> = o.owned.iter().flat_map(|p| streams(*p)).collect();
         for s in &own {
-            owner.insert(s.clone(), w.clone());
+            owner.insert(s.clone(), w.to_string());
         }
-        workers.insert(w.clone(), Some(own));
+        workers.insert(w.to_string(), Some(own));
         v["worker"] = json!({
             "id": w,
             "owned_partitions": o.owned,
@@ -248,9 +249,11 @@ fn kafka_report(v: &mut Value, state: &GroupState, assignment: Assignment, mine:
     v["members"] = match &state.members {
         Ok(g) => json!({
             "state": g.state,
+            "protocol": g.protocol,
             "members": g.members.iter().map(|m| json!({
                 "worker": m.worker,
                 "member_id": m.member_id,
+                "host": m.host,
                 "partitions": match &m.assignment {
                     Some(Ok(a)) => json!(a.streams()),
                     Some(Err(e)) => json!({"error": e}),
@@ -398,7 +401,6 @@ mod tests {
                 topic("i", &[(0, Some(2), 2), (1, Some(1), 4)]),
             ],
             members: Ok(GroupMembers {
-                listed: true,
                 state: "Stable".into(),
                 protocol: String::new(),
                 members,
@@ -406,17 +408,25 @@ mod tests {
         }
     }
 
-    fn mine(owned: &[u32], applied: &[(&str, u64)]) -> Mine {
+    fn record(owned: &[u32]) -> OwnershipRecord {
+        OwnershipRecord {
+            source: "orders".into(),
+            partitions: 2,
+            owned: owned.to_vec(),
+            governed: vec![],
+            since_ms: 0,
+        }
+    }
+
+    fn applied(streams: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        streams.iter().map(|(s, n)| (s.to_string(), *n)).collect()
+    }
+
+    fn mine<'a>(record: &'a OwnershipRecord, applied: &'a BTreeMap<String, u64>) -> Mine<'a> {
         Mine {
-            worker: Some("w1".into()),
-            ownership: Some(OwnershipRecord {
-                source: "orders".into(),
-                partitions: 2,
-                owned: owned.to_vec(),
-                governed: vec![],
-                since_ms: 0,
-            }),
-            applied: applied.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
+            worker: Some("w1"),
+            ownership: Some(record),
+            applied,
         }
     }
 
@@ -440,7 +450,8 @@ mod tests {
             member("w3", None),
         ]);
         let mut v = json!({});
-        kafka_report(&mut v, &s, Assignment::Partitioned, &mine(&[0], &[("o[0]", 6)]));
+        let (rec, done) = (record(&[0]), applied(&[("o[0]", 6)]));
+        kafka_report(&mut v, &s, Assignment::Partitioned, &mine(&rec, &done));
         assert_eq!(
             column(&v, "owner"),
             [json!("w1"), json!("w2"), json!("w1"), json!("w2")]
@@ -462,7 +473,8 @@ mod tests {
             member("w2", Some(&[("o", &[0]), ("i", &[0])])),
         ]);
         let mut v = json!({});
-        kafka_report(&mut v, &s, Assignment::Partitioned, &mine(&[1], &[]));
+        let (rec, done) = (record(&[1]), applied(&[]));
+        kafka_report(&mut v, &s, Assignment::Partitioned, &mine(&rec, &done));
         assert_eq!(
             column(&v, "owner"),
             [json!("w2"), json!("w1"), json!("w2"), json!("w1")]
@@ -474,9 +486,10 @@ mod tests {
     fn a_shared_source_lags_from_what_this_worker_applied() {
         let s = state(vec![]);
         let mut v = json!({});
+        let (rec, done) = (record(&[]), applied(&[("o[0]", 7), ("o[1]", 1), ("i[1]", 4)]));
         let m = Mine {
             ownership: None,
-            ..mine(&[], &[("o[0]", 7), ("o[1]", 1), ("i[1]", 4)])
+            ..mine(&rec, &done)
         };
         kafka_report(&mut v, &s, Assignment::Shared, &m);
         assert_eq!(column(&v, "lag"), [json!(0), json!(2), json!(2), json!(0)]);

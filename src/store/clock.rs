@@ -2,8 +2,7 @@
 //! unix_ms << 20)`, kept in `meta` and advanced in the same transaction as the state it
 //! versions, so it never goes back (across restarts, processes, and a rebuilt store).
 
-use super::{now_ms, Store, StoreError, StoreTx};
-use std::sync::atomic::Ordering;
+use super::{now_ms, StoreError, StoreTx};
 
 /// `VIEWKEEPER_TEST_CLOCK_SKEW_MS`: a worker whose clock runs that far ahead (or behind),
 /// for the tests of workers taking documents over from each other. 0 unless set.
@@ -24,7 +23,6 @@ impl StoreTx<'_> {
         let first = (last + 1).max(((now_ms() + test_skew_ms()) as u64) << 20);
         let new_last = first + n.saturating_sub(1);
         self.set_meta("clock", Some(&new_last.to_string()))?;
-        self.clock.fetch_max(new_last, Ordering::Relaxed);
         Ok(first)
     }
 
@@ -34,16 +32,7 @@ impl StoreTx<'_> {
         let last: u64 = self.meta("clock")?.and_then(|s| s.parse().ok()).unwrap_or(0);
         if floor > last {
             self.set_meta("clock", Some(&floor.to_string()))?;
-            self.clock.fetch_max(floor, Ordering::Relaxed);
         }
-        Ok(())
-    }
-}
-
-impl Store {
-    pub(super) fn load_clock(&mut self) -> Result<(), StoreError> {
-        let last: u64 = self.meta("clock")?.and_then(|s| s.parse().ok()).unwrap_or(0);
-        self.clock.fetch_max(last, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -83,9 +83,6 @@ pub struct Store {
     dir: std::path::PathBuf,
     /// Rows and TRUNCATE watermarks in memory ([`cache`]).
     cache: RefCell<RowCache>,
-    /// The highest version reserved ([`clock`]), for whoever reports it (a partitioned
-    /// source's offset commits).
-    clock: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Rows a store keeps in memory unless told otherwise ([`Store::set_row_cache`]).
@@ -172,10 +169,8 @@ impl Store {
             catalog,
             dir: dir.to_path_buf(),
             cache: RefCell::new(RowCache::new(DEFAULT_ROW_CACHE)),
-            clock: Default::default(),
         };
         store.sync_indexes()?;
-        store.load_clock()?;
         Ok(store)
     }
 
@@ -189,7 +184,6 @@ impl Store {
             catalog,
             dir: dir.to_path_buf(),
             cache: RefCell::new(RowCache::new(DEFAULT_ROW_CACHE)),
-            clock: Default::default(),
         };
         store.check_fits()?;
         Ok(store)
@@ -212,7 +206,6 @@ impl Store {
             // Reads outside write transactions do not use cached rows (nothing would tell
             // them that the worker wrote meanwhile); the TRUNCATE watermarks are read once.
             cache: RefCell::new(RowCache::new(0)),
-            clock: Default::default(),
         })
     }
 
@@ -236,11 +229,7 @@ impl Store {
     /// SQLITE_BUSY_SNAPSHOT, as a deferred transaction whose snapshot went stale does.
     pub fn begin(&mut self) -> Result<StoreTx<'_>, StoreError> {
         let Store {
-            conn,
-            catalog,
-            cache,
-            clock,
-            ..
+            conn, catalog, cache, ..
         } = self;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Holding the write lock: nobody else commits until this transaction ends.
@@ -251,7 +240,6 @@ impl Store {
             tx,
             catalog,
             cache,
-            clock,
             overlay: RefCell::default(),
         })
     }
@@ -324,7 +312,6 @@ pub struct StoreTx<'a> {
     tx: Transaction<'a>,
     catalog: &'a Catalog,
     cache: &'a RefCell<RowCache>,
-    clock: &'a std::sync::atomic::AtomicU64,
     /// What this transaction wrote, for the cache once it commits.
     overlay: RefCell<Overlay>,
 }

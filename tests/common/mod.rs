@@ -114,6 +114,20 @@ pub fn check_config(file: &Path) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `viewkeeper ARGS… --config CONFIG --data-dir DATA_DIR`, run to the end (an HTTP
+/// listener, for `run`, on a free port).
+pub fn viewkeeper_in(config: &Path, data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("run viewkeeper")
+}
+
 /// Adds `setting` (`key = value`) to every Postgres source of the config file.
 pub fn with_source_setting(cfg: &Path, setting: &str) {
     let text = std::fs::read_to_string(cfg)
@@ -345,15 +359,7 @@ impl Shop {
     /// `viewkeeper ARGS… --config CONFIG --data-dir <this shop's data dir>`, run to the end
     /// (an HTTP listener, for `run`, on a free port).
     pub fn viewkeeper(&self, config: &Path, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_viewkeeper"))
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .arg("--data-dir")
-            .arg(self.data_dir.path().join("data"))
-            .env("VIEWKEEPER__HTTP__LISTEN", "127.0.0.1:0")
-            .output()
-            .expect("run viewkeeper")
+        viewkeeper_in(config, &self.data_dir.path().join("data"), args)
     }
 
     /// Dead letters recorded in the worker's state store.

@@ -38,11 +38,9 @@ pub struct GroupState {
     pub members: Result<GroupMembers, String>,
 }
 
-/// The consumer group as DescribeGroups answers.
+/// The consumer group as DescribeGroups answers (default: the brokers did not list it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GroupMembers {
-    /// Whether the brokers listed the group at all (ListGroups); if not, no members.
-    pub listed: bool,
     /// E.g. `Stable`, `PreparingRebalance`, `Empty`, `Dead`.
     pub state: String,
     /// The assignor, e.g. `range` (empty from Tansu 0.6).
@@ -304,7 +302,6 @@ fn members(consumer: &BaseConsumer<Quiet>, group: &str) -> Result<GroupMembers, 
         })
         .collect();
     Ok(GroupMembers {
-        listed: true,
         state: g.state().to_string(),
         protocol: g.protocol().to_string(),
         members,
